@@ -1,0 +1,156 @@
+"""GeoTIFF/COG through rasterio: lazy windowed reads and verified COG writes."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+import rasterio.shutil
+from rasterio.errors import RasterioError
+from rasterio.windows import Window
+
+from pipeline.data.geometry import GeoRef, check_same_geometry
+from pipeline.errors import InvalidImageError, ReadError, WriteError
+from pipeline.tiling import Box
+
+RASTER_SUFFIXES = (".tif", ".tiff", ".gtiff", ".geotiff", ".cog", ".vrt", ".img", ".jp2")
+
+
+def raster_info(path: Path, *, allow_missing_crs: bool = False) -> tuple[tuple[int, ...], str, GeoRef]:
+    """Shape ``(bands, y, x)``, dtype and :class:`GeoRef` of a raster, checking it is readable."""
+    try:
+        with rasterio.open(path) as ds:
+            _probe(ds, path)
+            georef = _georef(ds, path, allow_missing_crs)
+            return (ds.count, ds.height, ds.width), ds.dtypes[0], georef
+    except RasterioError as e:
+        raise ReadError(
+            f"{path}: not a readable raster ({e}). Check that the file is a complete "
+            "GeoTIFF (re-download or re-export it)."
+        ) from e
+
+
+def _georef(ds: Any, path: Path, allow_missing_crs: bool) -> GeoRef:
+    if ds.crs is None and not allow_missing_crs:
+        raise InvalidImageError(
+            f"{path}: the raster has no CRS, so outputs could not be georeferenced. Assign one "
+            "(gdal_edit.py -a_srs EPSG:xxxx) or set input.allow_missing_crs: true in the job."
+        )
+    if len(set(ds.dtypes)) != 1:
+        raise InvalidImageError(
+            f"{path}: bands have different dtypes {ds.dtypes}; convert them to one dtype first"
+        )
+    names = tuple(d or str(i + 1) for i, d in enumerate(ds.descriptions))
+    nodata = None if ds.nodata is None else float(ds.nodata)
+    return GeoRef(ds.crs.to_wkt() if ds.crs else None, tuple(ds.transform)[:6], nodata, names)
+
+
+def _probe(ds: Any, path: Path) -> None:
+    """Read the first and last block so a truncated file fails now, not mid-job."""
+    bh, bw = ds.block_shapes[0]
+    last = Window(max(ds.width - bw, 0), max(ds.height - bh, 0), min(bw, ds.width), min(bh, ds.height))
+    for window in (Window(0, 0, min(bw, ds.width), min(bh, ds.height)), last):
+        ds.read(1, window=window)
+
+
+def read_raster_box(path: Path, box: Box) -> np.ndarray:
+    """Read the (y, x) ``box`` of every band: ``(bands, h, w)``."""
+    (y0, x0), (y1, x1) = box.start, box.stop
+    try:
+        with rasterio.open(path) as ds:
+            return ds.read(window=Window(x0, y0, x1 - x0, y1 - y0))
+    except RasterioError as e:
+        raise ReadError(
+            f"{path}: reading window rows {y0}:{y1}, cols {x0}:{x1} failed ({e}); the "
+            "file is probably truncated or corrupt. Re-export it."
+        ) from e
+
+
+def same_crs(a: str, b: str) -> bool:
+    """Whether two WKT strings name the same CRS."""
+    return bool(rasterio.crs.CRS.from_wkt(a) == rasterio.crs.CRS.from_wkt(b))
+
+
+def write_cog(
+    path: Path,
+    georef: GeoRef,
+    shape: tuple[int, int],
+    dtype: str,
+    windows: Callable[[], Iterator[tuple[Box, np.ndarray]]],
+    *,
+    nodata: float | None,
+    resampling: str = "NEAREST",
+) -> Path:
+    """Write a single-band COG window by window; verify it; move it into place.
+
+    ``windows()`` yields ``(box, array)`` pairs covering the raster. The data goes to a hidden
+    tiled GeoTIFF, then GDAL's COG driver copies it (internal tiles, overviews, deflate) to a
+    hidden name; only after the geometry is checked is it renamed to ``path``.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stage = path.with_name(f".tmp-{path.stem}.stage.tif")
+    tmp = path.with_name(f".tmp-{path.name}")
+    try:
+        _write_tiled(stage, georef, shape, dtype, windows, nodata)
+        rasterio.shutil.copy(
+            stage,
+            tmp,
+            driver="COG",
+            COMPRESS="DEFLATE",
+            BLOCKSIZE=512,
+            OVERVIEW_RESAMPLING=resampling,
+            BIGTIFF="IF_SAFER",
+        )
+        verify_raster(tmp, georef, shape, nodata)
+        os.replace(tmp, path)
+    except RasterioError as e:
+        raise WriteError(f"{path}: writing the COG failed ({e}); check free disk space") from e
+    finally:
+        for p in (stage, tmp):
+            p.unlink(missing_ok=True)
+    return path
+
+
+def _write_tiled(
+    stage: Path,
+    georef: GeoRef,
+    shape: tuple[int, int],
+    dtype: str,
+    windows: Callable[[], Iterator[tuple[Box, np.ndarray]]],
+    nodata: float | None,
+) -> None:
+    profile = {
+        "driver": "GTiff",
+        "height": shape[0],
+        "width": shape[1],
+        "count": 1,
+        "dtype": dtype,
+        "tiled": True,
+        "blockxsize": 256,
+        "blockysize": 256,
+        "compress": "deflate",
+        "transform": rasterio.Affine(*georef.transform),
+        "crs": georef.crs_wkt,
+        "nodata": nodata,
+        "BIGTIFF": "IF_SAFER",
+    }
+    with rasterio.open(stage, "w", **profile) as dst:
+        for box, data in windows():
+            (y0, x0), (y1, x1) = box.start, box.stop
+            dst.write(data, 1, window=Window(x0, y0, x1 - x0, y1 - y0))
+
+
+def verify_raster(path: Path, georef: GeoRef, shape: tuple[int, int], nodata: float | None) -> None:
+    """Re-open ``path`` and check CRS, transform, size and nodata against the input's."""
+    with rasterio.open(path) as ds:
+        actual = GeoRef(ds.crs.to_wkt() if ds.crs else None, tuple(ds.transform)[:6])
+        check_same_geometry(georef, actual, what=str(path), same_crs=same_crs)
+        if (ds.height, ds.width) != tuple(shape) or ds.nodata != nodata:
+            raise WriteError(
+                f"{path}: size {(ds.height, ds.width)} / nodata {ds.nodata} differ "
+                f"from the expected {tuple(shape)} / {nodata}"
+            )

@@ -1,0 +1,122 @@
+"""Open any supported input as an :class:`~pipeline.data.Image` plus a picklable reader.
+
+:class:`ImageSource` is what goes into Dask graphs: a path and a format, never an open file
+handle. ``read(box)`` returns ``(C, *spatial)`` for a spatial box.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import dask
+import dask.array as dsa
+import numpy as np
+import xarray as xr
+
+from pipeline.data import Image, wrap_image
+from pipeline.data.geometry import Geometry, GeoRef
+from pipeline.errors import InvalidImageError, ReadError
+from pipeline.io import geo, medical, zarr_store
+from pipeline.tiling import Box, ChunkGrid
+
+Format = Literal["raster", "volume", "zarr"]
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """A readable input: its path, format, shape ``(C, *spatial)``, dtype and geometry."""
+
+    path: Path
+    format: Format
+    shape: tuple[int, ...]
+    dtype: str
+    geometry: Geometry
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        """Shape without the channel axis."""
+        return self.shape[1:]
+
+    def read(self, box: Box) -> np.ndarray:
+        """Read the spatial ``box`` as ``(C, *box.shape)``."""
+        if self.format == "raster":
+            return geo.read_raster_box(self.path, box)
+        if self.format == "volume":
+            return medical.read_volume_box(self.path, box)
+        return zarr_store.read_box(self.path, box, channels=True)
+
+    @property
+    def streamable(self) -> bool:
+        """Whether a region read costs only that region."""
+        return self.format != "volume" or medical.is_streamable(self.path)
+
+
+def open_source(path: str | Path, *, allow_missing_crs: bool = False) -> ImageSource:
+    """Inspect ``path`` (headers only) and return its :class:`ImageSource`."""
+    p = Path(path)
+    if not p.exists():
+        raise ReadError(
+            f"{p}: no such file or folder. Check input.path (relative paths are "
+            "resolved against the job file's folder)."
+        )
+    name = p.name.lower()
+    if name.endswith(".zarr") or (p / "zarr.json").exists():
+        shape, dtype, geometry = zarr_store.array_info(p)
+        return ImageSource(p, "zarr", shape, dtype, geometry)
+    if medical.is_volume_path(p):
+        (z, y, x), dtype, ref = medical.volume_info(p)
+        return ImageSource(p, "volume", (1, z, y, x), dtype, ref)
+    if name.endswith(geo.RASTER_SUFFIXES):
+        shape, dtype, georef = geo.raster_info(p, allow_missing_crs=allow_missing_crs)
+        return ImageSource(p, "raster", shape, dtype, georef)
+    raise InvalidImageError(
+        f"{p}: unknown input format; segpipe reads GeoTIFF/COG "
+        f"{geo.RASTER_SUFFIXES}, volumes {medical.VOLUME_SUFFIXES}, DICOM "
+        "series folders and segpipe zarr arrays"
+    )
+
+
+def open_image(path: str | Path, *, chunk: int = 512, allow_missing_crs: bool = False) -> Image:
+    """Open ``path`` lazily as an :class:`Image` (dask-backed, nothing read yet)."""
+    src = open_source(path, allow_missing_crs=allow_missing_crs)
+    return image_from_source(src, chunk=chunk)
+
+
+def image_from_source(src: ImageSource, *, chunk: int = 512) -> Image:
+    """A lazy :class:`Image` whose blocks are ``src.read`` calls."""
+    spatial = src.spatial_shape
+    grid = ChunkGrid.build(spatial, (chunk,) * len(spatial), 0)
+    blocks = np.empty(grid.counts, dtype=object)
+    for spec in grid:
+        shape = (src.shape[0], *spec.write.shape)
+        blocks[spec.index] = dsa.from_delayed(dask.delayed(src.read)(spec.write), shape, src.dtype)
+    arr = dsa.block(_nest(blocks, src.shape[0]))
+    if src.format != "raster" and not isinstance(src.geometry, GeoRef):
+        arr = arr[0]
+    image = wrap_image(arr, src.geometry, source=str(src.path))
+    return Image(_with_coords(image.data, src.geometry), src.geometry, image.source)
+
+
+def _nest(blocks: np.ndarray, _channels: int) -> list:
+    """Turn an object array of blocks into the nested list ``dask.array.block`` wants."""
+    if blocks.ndim == 1:
+        return [b for b in blocks]
+    return [_nest(b, _channels) for b in blocks]
+
+
+def _with_coords(data: xr.DataArray, geometry: Geometry) -> xr.DataArray:
+    if not isinstance(geometry, GeoRef):
+        return data
+    a, _, c, _, e, f = geometry.transform
+    data = data.assign_coords(
+        x=c + a * (np.arange(data.sizes["x"]) + 0.5),
+        y=f + e * (np.arange(data.sizes["y"]) + 0.5),
+        band=list(geometry.band_names),
+    )
+    if geometry.crs_wkt:
+        import rioxarray  # noqa: F401  (registers .rio)
+
+        data = data.rio.write_crs(geometry.crs_wkt)
+    return data

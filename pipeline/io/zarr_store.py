@@ -1,0 +1,123 @@
+"""The zarr v3 staging store: aligned region writes, region reads, completion records.
+
+Layout of an output folder::
+
+    OUT/staging.zarr/input    the ingested image (C, *spatial), chunked by the grid
+    OUT/staging.zarr/labels   the stitched label map (*spatial), chunked by the grid
+    OUT/.segpipe/job.json     fingerprint of the job that owns the folder
+    OUT/.segpipe/done/STAGE/ID.json   one completion record per finished chunk (its metrics row)
+
+Writes are aligned with zarr chunks, so concurrent chunk tasks never touch one zarr chunk.
+Records are written to a temporary name and renamed, so a record exists only for a chunk
+whose data is fully written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from pipeline.data.geometry import Geometry, geometry_from_json
+from pipeline.errors import ReadError
+from pipeline.tiling import Box
+
+GEOMETRY_ATTR = "segpipe_geometry"
+
+
+def create_array(
+    path: Path,
+    *,
+    shape: tuple[int, ...],
+    chunks: tuple[int, ...],
+    dtype: str,
+    geometry: Geometry,
+    fill_value: float | int = 0,
+    attrs: dict[str, Any] | None = None,
+) -> None:
+    """Create (or replace) a chunked zarr v3 array at ``path`` holding its geometry."""
+    arr = zarr.create_array(
+        store=str(path),
+        shape=shape,
+        chunks=chunks,
+        dtype=dtype,
+        fill_value=fill_value,
+        compressors=[BloscCodec(cname="zstd", clevel=3)],
+        overwrite=True,
+    )
+    arr.attrs.update({GEOMETRY_ATTR: geometry.to_json(), **(attrs or {})})
+
+
+def write_box(path: Path, box: Box, data: np.ndarray) -> None:
+    """Write ``data`` into the trailing (spatial) axes ``box`` of the array at ``path``."""
+    arr = zarr.open_array(store=str(path), mode="r+")
+    lead = (slice(None),) * (arr.ndim - box.ndim)
+    arr[lead + box.slices()] = data
+
+
+def read_box(path: Path, box: Box, *, channels: bool = False) -> np.ndarray:
+    """Read the spatial ``box``; with ``channels`` a 3-D volume gains a leading channel axis."""
+    try:
+        arr = zarr.open_array(store=str(path), mode="r")
+        lead = (slice(None),) * (arr.ndim - box.ndim)
+        data = np.asarray(arr[lead + box.slices()])
+    except (OSError, ValueError, KeyError) as e:
+        raise ReadError(
+            f"{path}: reading {box.start}..{box.stop} failed ({e}); the zarr store is "
+            "damaged. Rerun the job with --restart."
+        ) from e
+    return data[None] if channels and data.ndim == box.ndim else data
+
+
+def array_info(path: Path) -> tuple[tuple[int, ...], str, Geometry]:
+    """Shape ``(C, *spatial)``, dtype and geometry of a segpipe zarr array."""
+    try:
+        arr = zarr.open_array(store=str(path), mode="r")
+        geometry = geometry_from_json(dict(arr.attrs)[GEOMETRY_ATTR])  # type: ignore[arg-type]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ReadError(
+            f"{path}: not a segpipe zarr array with geometry ({e}); give the path of "
+            "an array segpipe wrote (OUT/staging.zarr/input or .../labels)"
+        ) from e
+    shape = tuple(arr.shape)
+    spatial = 2 if geometry.to_json()["kind"] == "raster" else 3
+    return (shape if len(shape) > spatial else (1, *shape)), str(arr.dtype), geometry
+
+
+class CompletionLog:
+    """Per-chunk completion records of one stage, each holding that chunk's metrics row."""
+
+    def __init__(self, root: Path, stage: str) -> None:
+        self.dir = root / "done" / stage
+
+    def mark(self, chunk_id: str, row: dict[str, Any]) -> None:
+        """Record ``chunk_id`` as complete (atomic)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / f".{chunk_id}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(row, default=_jsonable))
+        os.replace(tmp, self.dir / f"{chunk_id}.json")
+
+    def done(self) -> set[str]:
+        """Ids of completed chunks."""
+        if not self.dir.exists():
+            return set()
+        return {p.stem for p in self.dir.glob("*.json")}
+
+    def rows(self) -> list[dict[str, Any]]:
+        """All completion records."""
+        if not self.dir.exists():
+            return []
+        return [json.loads(p.read_text()) for p in sorted(self.dir.glob("*.json"))]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, tuple | set):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")

@@ -1,0 +1,148 @@
+"""The segmenter protocol, its registry and the global-fit reducer contract.
+
+A segmenter is built from typed parameters and the facts of one image (:class:`ImageInfo`),
+declares its ``kind``, ``halo`` and ``classes``, may ``fit`` global statistics through a
+reducer the engine supplies, and maps a numpy block ``(C, *spatial)`` with halo to labels
+``(*spatial)`` for the same region. No I/O, no dask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, TypeVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from pipeline.errors import ConfigError
+from pipeline.registry import Registry
+
+Kind = Literal["semantic", "instance", "panoptic"]
+T = TypeVar("T")
+#: ``partial(block, valid, core) -> T``: statistics of one chunk's core (block has its halo).
+PartialFn = Callable[[np.ndarray, np.ndarray, tuple[slice, ...]], Any]
+CombineFn = Callable[[Any, Any], Any]
+#: ``reduce(partial, combine) -> T``: the engine maps ``partial`` over all chunks and combines.
+Reducer = Callable[[PartialFn, CombineFn], Any]
+NODATA_LABEL = 255
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What a segmenter may know about its image when it is built."""
+
+    kind: Literal["raster", "volume"]
+    n_channels: int
+    dtype: str
+    band_names: tuple[str, ...] = ()
+
+    @property
+    def spatial_ndim(self) -> int:
+        """2 for rasters, 3 for volumes."""
+        return 2 if self.kind == "raster" else 3
+
+
+class SegmenterParams(BaseModel):
+    """Base of every segmenter's parameters: strict, unknown keys rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Segmenter:
+    """Base class of segmenters; subclasses set ``name``, ``Params`` and ``__call__``."""
+
+    name: ClassVar[str] = ""
+    kind: ClassVar[Kind] = "semantic"
+    summary: ClassVar[str] = ""
+    Params: ClassVar[type[SegmenterParams]] = SegmenterParams
+    nodata_label: ClassVar[int] = NODATA_LABEL
+
+    def __init__(self, params: SegmenterParams, info: ImageInfo) -> None:
+        self.params = params
+        self.info = info
+
+    @property
+    def spatial_ndim(self) -> int:
+        """2 or 3."""
+        return self.info.spatial_ndim
+
+    @property
+    def halo(self) -> int:
+        """Context needed per side, in pixels/voxels."""
+        return 0
+
+    @property
+    def classes(self) -> dict[int, str]:
+        """Class id -> name (``nodata_label`` is reserved for nodata)."""
+        return {0: "background", 1: "foreground"}
+
+    def fit(self, reduce: Reducer) -> Segmenter:
+        """Return a segmenter with global statistics fitted; the default needs none."""
+        return self
+
+    def fitted_values(self) -> dict[str, Any]:
+        """Fitted statistics for the job summary (empty when nothing is fitted)."""
+        return {}
+
+    def __call__(self, block: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """Labels for ``block`` (``(C, *spatial)`` with halo), same spatial shape, uint8."""
+        raise NotImplementedError
+
+
+SEGMENTERS: Registry[type[Segmenter]] = Registry("segmenter", group="segpipe.segmenters")
+
+
+def register(cls: type[Segmenter]) -> type[Segmenter]:
+    """Class decorator adding a segmenter to :data:`SEGMENTERS`."""
+    SEGMENTERS.register(cls.name, cls)
+    return cls
+
+
+def create_segmenter(name: str, params: Mapping[str, Any], info: ImageInfo) -> Segmenter:
+    """Build a registered segmenter; bad parameters raise :class:`ConfigError` naming them."""
+    cls = SEGMENTERS.get(name)
+    try:
+        typed = cls.Params.model_validate(dict(params))
+    except ValidationError as e:
+        raise ConfigError(_params_message(name, cls, e)) from None
+    return cls(typed, info)
+
+
+def _params_message(name: str, cls: type[Segmenter], err: ValidationError) -> str:
+    allowed = ", ".join(cls.Params.model_fields)
+    lines = []
+    for item in err.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "(parameters)"
+        lines.append(f"segmenter.params.{where}: {item['msg']}")
+    return (
+        f"invalid parameters for segmenter {name!r}: "
+        + "; ".join(lines)
+        + f". Allowed parameters: {allowed}."
+    )
+
+
+def describe(name: str) -> dict[str, Any]:
+    """Name, kind, summary, parameters (with types and defaults) and halo rule of a segmenter."""
+    cls = SEGMENTERS.get(name)
+    params = {}
+    for field, info in cls.Params.model_fields.items():
+        default = None if info.is_required() else info.default
+        params[field] = {
+            "type": _type_name(info.annotation),
+            "default": default,
+            "required": info.is_required(),
+            "help": info.description or "",
+        }
+    return {
+        "name": name,
+        "kind": cls.kind,
+        "summary": cls.summary,
+        "params": params,
+        "halo": getattr(cls, "halo_rule", "0"),
+    }
+
+
+def _type_name(annotation: object) -> str:
+    text = getattr(annotation, "__name__", None) or str(annotation)
+    return text.replace("typing.", "")

@@ -1,0 +1,5 @@
+"""Classical segmenters (registered on import)."""
+
+from __future__ import annotations
+
+from pipeline.models.classical import threshold as threshold

@@ -1,0 +1,1 @@
+"""Jobs: the spec, the plan, execution on Dask, and the CLI."""

@@ -1,0 +1,48 @@
+"""Python entry points: run job specs on a local cluster or an existing scheduler."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+from distributed import Client
+
+import pipeline.models.classical  # noqa: F401  (registers the classical segmenters)
+from pipeline.cluster import connect
+from pipeline.runner.execute import RunResult, execute
+from pipeline.runner.plan import make_plan
+from pipeline.runner.spec import JobSpec
+
+
+def run_job(
+    spec: JobSpec, *, client: Client | None = None, scheduler: str | None = None, restart: bool = False
+) -> RunResult:
+    """Plan and run one job; with no ``client`` a cluster is started (or ``scheduler`` used)."""
+    return next(run_jobs([spec], client=client, scheduler=scheduler, restart=restart))
+
+
+def run_jobs(
+    specs: Sequence[JobSpec],
+    *,
+    client: Client | None = None,
+    scheduler: str | None = None,
+    restart: bool = False,
+    announce: Callable[[str], None] | None = None,
+) -> Iterator[RunResult]:
+    """Plan every job first (so bad input fails before any cluster starts), then run them."""
+    plans = [make_plan(s) for s in specs]
+    if client is not None:
+        for plan in plans:
+            yield execute(plan, client, restart=restart)
+        return
+    c = specs[0].cluster
+    with connect(
+        scheduler=scheduler or c.scheduler,
+        n_workers=c.n_workers,
+        threads_per_worker=c.threads_per_worker,
+        memory_limit=c.memory_limit,
+        dashboard=c.dashboard,
+    ) as own:
+        if announce is not None and own.dashboard_link:
+            announce(own.dashboard_link)
+        for plan in plans:
+            yield execute(plan, own, restart=restart)

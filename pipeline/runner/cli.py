@@ -1,0 +1,107 @@
+"""``segpipe`` command line: run, validate, segmenters."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.errors import PipelineError
+from pipeline.runner.api import run_jobs
+from pipeline.runner.plan import make_plan
+from pipeline.runner.spec import load_job
+
+console = Console(stderr=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``segpipe`` console script; returns the exit code."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except PipelineError as e:
+        console.print(f"[bold red]error[/]: {type(e).__name__}: {e}", highlight=False, soft_wrap=True)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="segpipe", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run one or more job files")
+    run.add_argument("jobs", nargs="+", help="job YAML files")
+    run.add_argument("--scheduler", help="address of an existing Dask scheduler (tcp://host:8786)")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a job key, e.g. tiling.chunk=[256,256]",
+    )
+    run.add_argument(
+        "--restart", action="store_true", help="discard results a previous run left in the output folder"
+    )
+    run.set_defaults(func=_cmd_run)
+    val = sub.add_parser("validate", help="check job files without running them")
+    val.add_argument("jobs", nargs="+")
+    val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    val.set_defaults(func=_cmd_validate)
+    segs = sub.add_parser("segmenters", help="list segmenters with parameters, halo and kind")
+    segs.add_argument("--json", action="store_true", help="machine-readable output")
+    segs.set_defaults(func=_cmd_segmenters)
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    specs = [load_job(j, args.overrides) for j in args.jobs]
+    for result in run_jobs(
+        specs,
+        scheduler=args.scheduler,
+        restart=args.restart,
+        announce=lambda link: console.print(f"dashboard: {link}"),
+    ):
+        print(f"{result.plan.spec.name}: complete -> {result.plan.out}")
+        for name, path in result.outputs.items():
+            print(f"  {name:>6}: {path}")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    for job in args.jobs:
+        plan = make_plan(load_job(job, args.overrides))
+        print(
+            f"{job}: ok ({plan.source.format} {plan.source.shape} {plan.source.dtype}, "
+            f"segmenter {plan.segmenter.name}, {len(plan.grid)} chunks of {plan.grid.chunk}, "
+            f"halo {plan.grid.halo})"
+        )
+    return 0
+
+
+def _cmd_segmenters(args: argparse.Namespace) -> int:
+    from pipeline.models import SEGMENTERS, describe
+
+    infos = [describe(n) for n in SEGMENTERS.names()]
+    if args.json:
+        print(json.dumps(infos, indent=2, default=str))
+        return 0
+    table = Table(title="segmenters")
+    for col in ("name", "kind", "halo", "parameters", "summary"):
+        table.add_column(col)
+    for info in infos:
+        params = ", ".join(
+            f"{k}: {v['type']}" + ("" if v["required"] else f" = {v['default']}")
+            for k, v in info["params"].items()
+        )
+        table.add_row(info["name"], info["kind"], info["halo"], params, info["summary"])
+    Console().print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

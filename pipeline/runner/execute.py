@@ -1,0 +1,246 @@
+"""Run a planned job on a Dask client: ingest, fit, segment, finalize.
+
+Chunks are submitted as futures keyed by stage and chunk id; completed chunks (by their
+records) are skipped on a rerun with the same fingerprint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distributed import Client, Future, as_completed
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pipeline.errors import ChunkFailedError, OutputConflictError
+from pipeline.io import zarr_store
+from pipeline.models import Segmenter
+from pipeline.models.base import CombineFn, PartialFn
+from pipeline.runner import finalize, process
+from pipeline.runner.plan import Plan
+
+log = logging.getLogger(__name__)
+FAN_IN = 8
+
+
+@dataclass
+class RunResult:
+    """What a run produced: output paths, timings, counts and the fitted segmenter."""
+
+    plan: Plan
+    outputs: dict[str, str] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    chunks_computed: int = 0
+    chunks_skipped: int = 0
+    segmenter: Segmenter | None = None
+
+
+def prepare_output(plan: Plan, *, restart: bool = False) -> bool:
+    """Claim the output folder; return whether a previous run's records can be resumed."""
+    job_file = plan.records / "job.json"
+    if plan.out.exists() and any(plan.out.iterdir()):
+        owner = json.loads(job_file.read_text()) if job_file.exists() else None
+        if restart and owner is not None:
+            _clear(plan.out)
+        elif owner is None:
+            raise OutputConflictError(
+                f"{plan.out}: the output folder holds files that segpipe did not write; choose an "
+                "empty or new folder (output.dir or --set output.dir=...)"
+            )
+        elif owner["fingerprint"] != plan.fingerprint:
+            raise OutputConflictError(
+                f"{plan.out}: holds results of a different job ({owner['name']!r}, fingerprint "
+                f"{owner['fingerprint']}, this job {plan.fingerprint}); results are never mixed. "
+                "Use another output.dir, or rerun with --restart to discard the old results."
+            )
+        else:
+            (plan.out / "summary.json").unlink(missing_ok=True)
+            return True
+    plan.records.mkdir(parents=True, exist_ok=True)
+    job_file.write_text(json.dumps({"name": plan.spec.name, "fingerprint": plan.fingerprint}))
+    return False
+
+
+def _clear(out: Path) -> None:
+    for child in out.iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def create_stores(plan: Plan) -> None:
+    """Create the staging input and label arrays, chunked by the grid."""
+    chunks = plan.grid.write_chunks()
+    zarr_store.create_array(
+        plan.staging / "input",
+        shape=plan.source.shape,
+        chunks=(plan.source.shape[0], *chunks),
+        dtype=plan.source.dtype,
+        geometry=plan.source.geometry,
+    )
+    zarr_store.create_array(
+        plan.staging / "labels",
+        shape=plan.source.spatial_shape,
+        chunks=chunks,
+        dtype="uint8",
+        geometry=plan.source.geometry,
+        fill_value=plan.segmenter.nodata_label,
+        attrs={"classes": {str(k): v for k, v in plan.segmenter.classes.items()}},
+    )
+
+
+def execute(plan: Plan, client: Client, *, restart: bool = False) -> RunResult:
+    """Run every stage of ``plan`` on ``client`` and finalize the outputs."""
+    result = RunResult(plan)
+    if not prepare_output(plan, restart=restart):
+        create_stores(plan)
+    _timed(result, "ingest", lambda: ingest(plan, client))
+    fitted = _timed(result, "fit", lambda: plan.segmenter.fit(make_reducer(plan, client)))
+    result.segmenter = fitted
+    _timed(result, "segment", lambda: segment(plan, client, fitted, result))
+    _timed(result, "finalize", lambda: result.outputs.update(finalize.finalize(plan, fitted)))
+    finalize.write_summary(
+        plan,
+        fitted,
+        result.outputs,
+        result.timings,
+        {"computed": result.chunks_computed, "skipped": result.chunks_skipped},
+    )
+    return result
+
+
+def _timed(result: RunResult, stage: str, fn: Callable[[], Any]) -> Any:
+    t0 = time.perf_counter()
+    value = fn()
+    result.timings[stage] = round(time.perf_counter() - t0, 4)
+    return value
+
+
+def ingest(plan: Plan, client: Client) -> None:
+    """Stream the source into the staging input, window by window."""
+    done = zarr_store.CompletionLog(plan.records, "ingest").done()
+    todo = [s for s in plan.grid if s.chunk_id not in done]
+    if not todo:
+        return
+    target, token = plan.staging / "input", _token()
+    if not plan.source.streamable:
+        fut = client.submit(
+            process.ingest_whole,
+            plan.source,
+            target,
+            plan.grid,
+            plan.records,
+            key=f"ingest-whole-{_token()}",
+            retries=plan.spec.retries,
+        )
+        _wait_all(plan, {fut: "all"}, "ingest")
+        return
+    futures = {
+        client.submit(
+            process.ingest_chunk,
+            plan.source,
+            target,
+            s,
+            plan.records,
+            key=f"ingest-{s.chunk_id}-{token}",
+            retries=plan.spec.retries,
+        ): s.chunk_id
+        for s in todo
+    }
+    _wait_all(plan, futures, "ingest")
+
+
+def make_reducer(plan: Plan, client: Client) -> Callable[[PartialFn, CombineFn], Any]:
+    """A reducer mapping a partial statistic over every chunk and combining it as a tree."""
+    staged, edge, nodata = plan.staging / "input", plan.grid.edge_mode, plan.source.geometry
+    nd = getattr(nodata, "nodata", None)
+
+    def reduce(partial: PartialFn, combine: CombineFn) -> Any:
+        parts = [
+            client.submit(process.reduce_chunk, staged, s, edge, nd, partial, pure=False) for s in plan.grid
+        ]
+        while len(parts) > 1:
+            parts = [
+                client.submit(process.combine_many, combine, *parts[i : i + FAN_IN], pure=False)
+                for i in range(0, len(parts), FAN_IN)
+            ]
+        return parts[0].result()
+
+    return reduce
+
+
+def segment(plan: Plan, client: Client, segmenter: Segmenter, result: RunResult) -> None:
+    """Segment every chunk not yet recorded as complete."""
+    done = zarr_store.CompletionLog(plan.records, "segment").done()
+    todo = [s for s in plan.grid if s.chunk_id not in done]
+    result.chunks_skipped = len(plan.grid) - len(todo)
+    result.chunks_computed = len(todo)
+    nodata = getattr(plan.source.geometry, "nodata", None)
+    token = _token()
+    seg_future = client.scatter(segmenter, broadcast=True) if todo else None
+    futures = {
+        client.submit(
+            process.segment_chunk,
+            plan.staging / "input",
+            plan.staging / "labels",
+            s,
+            plan.grid.edge_mode,
+            nodata,
+            seg_future,
+            plan.source.geometry,
+            plan.records,
+            key=f"segment-{s.chunk_id}-{token}",
+            retries=plan.spec.retries,
+        ): s.chunk_id
+        for s in todo
+    }
+    _wait_all(plan, futures, "segment")
+
+
+def _token() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+def _wait_all(plan: Plan, futures: dict[Future, str], stage: str) -> None:
+    failures: dict[str, str] = {}
+    with _progress(stage, len(futures)) as (progress, task):
+        for fut in as_completed(list(futures)):
+            if fut.status == "error":
+                failures[futures[fut]] = repr(fut.exception())
+            progress.advance(task)
+    if failures:
+        finalize.write_failure(plan, stage, failures)
+        first = next(iter(failures.items()))
+        raise ChunkFailedError(
+            f"{len(failures)} chunk(s) failed in stage {stage!r} after "
+            f"{plan.spec.retries} retries; first: chunk {first[0]}: {first[1]}. "
+            f"Details in {plan.out / 'failed.json'}; fix the cause and rerun "
+            "(completed chunks are kept)."
+        )
+
+
+class _progress:
+    """A rich progress bar on stderr (quiet when there is nothing to do)."""
+
+    def __init__(self, stage: str, total: int) -> None:
+        self.bar = Progress(
+            TextColumn(f"[bold]{stage:>8}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            transient=False,
+            disable=total == 0,
+        )
+        self.total = total
+
+    def __enter__(self) -> tuple[Progress, Any]:
+        self.bar.start()
+        return self.bar, self.bar.add_task("chunks", total=self.total)
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.stop()

@@ -1,0 +1,147 @@
+"""Finalize a run: outputs from the staging store, metrics table, summary, resolved job.
+
+Every file is written under a hidden temporary name, checked, then renamed; the summary
+(status ``complete``) is written last, so a folder without it never looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import cast
+
+from pipeline.data.geometry import GeoRef, VolumeRef
+from pipeline.io import geo, medical, zarr_store
+from pipeline.io.quicklook import write_quicklook
+from pipeline.metrics import write_tile_table
+from pipeline.models import Segmenter
+from pipeline.runner.plan import Plan
+from pipeline.runner.spec import dump_job
+from pipeline.tiling import Box
+
+LIBRARIES = (
+    "segpipe",
+    "dask",
+    "distributed",
+    "zarr",
+    "xarray",
+    "rioxarray",
+    "rasterio",
+    "SimpleITK",
+    "scikit-image",
+    "numpy",
+    "scipy",
+    "torch",
+)
+
+
+def finalize(plan: Plan, segmenter: Segmenter) -> dict[str, str]:
+    """Write the requested outputs and the metrics table; return ``{name: path}``."""
+    outputs = {"zarr": str(plan.staging / "labels")}
+    labels = plan.staging / "labels"
+    formats = plan.spec.output.formats
+    if "cog" in formats and isinstance(plan.source.geometry, GeoRef):
+        outputs["cog"] = str(_write_cog(plan, labels, segmenter))
+    for fmt, suffix in (("nifti", ".nii.gz"), ("mha", ".mha")):
+        if fmt in formats and isinstance(plan.source.geometry, VolumeRef):
+            data = zarr_store.read_box(labels, Box.from_shape(plan.source.spatial_shape))
+            outputs[fmt] = str(medical.write_volume(plan.out / f"labels{suffix}", data, plan.source.geometry))
+    if "png" in formats:
+        outputs["png"] = str(
+            write_quicklook(
+                plan.out / "quicklook.png",
+                plan.staging / "input",
+                labels,
+                segmenter.classes,
+                title=f"{plan.spec.name}: {segmenter.name} on {plan.source.path.name}",
+                nodata_label=segmenter.nodata_label,
+            )
+        )
+    rows = zarr_store.CompletionLog(plan.records, "segment").rows()
+    outputs["tiles"] = str(write_tile_table(plan.out / "tiles.parquet", rows))
+    outputs["job"] = str(_atomic_text(plan.out / "job.resolved.yaml", dump_job(plan.spec)))
+    return outputs
+
+
+def _write_cog(plan: Plan, labels: Path, segmenter: Segmenter) -> Path:
+    georef = cast(GeoRef, plan.source.geometry)
+    has_nodata = georef.nodata is not None or plan.source.dtype.lstrip("<>=|")[0] == "f"
+    nodata = segmenter.nodata_label if has_nodata else None
+
+    def windows():  # type: ignore[no-untyped-def]
+        for spec in plan.grid:
+            yield spec.write, zarr_store.read_box(labels, spec.write)
+
+    shape = plan.source.spatial_shape
+    return geo.write_cog(
+        plan.out / "labels.tif", georef, (shape[0], shape[1]), "uint8", windows, nodata=nodata
+    )
+
+
+def write_summary(
+    plan: Plan,
+    segmenter: Segmenter,
+    outputs: dict[str, str],
+    timings: dict[str, float],
+    chunks: dict[str, int],
+) -> Path:
+    """The job summary JSON, written last: its ``status: complete`` marks a finished run."""
+    summary = {
+        "status": "complete",
+        "job": plan.spec.name,
+        "fingerprint": plan.fingerprint,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "input": {
+            "path": str(plan.source.path),
+            "format": plan.source.format,
+            "shape": list(plan.source.shape),
+            "dtype": plan.source.dtype,
+            "geometry": plan.source.geometry.to_json(),
+        },
+        "segmenter": {
+            "name": segmenter.name,
+            "kind": segmenter.kind,
+            "params": plan.spec.segmenter.params,
+            "halo": segmenter.halo,
+            "classes": {str(k): v for k, v in segmenter.classes.items()},
+            "fitted": segmenter.fitted_values(),
+        },
+        "tiling": {
+            "chunk": list(plan.grid.chunk),
+            "halo": list(plan.grid.halo),
+            "edge_mode": plan.grid.edge_mode,
+            "n_chunks": len(plan.grid),
+            **chunks,
+        },
+        "timings_s": timings,
+        "outputs": outputs,
+        "versions": _versions(),
+    }
+    return _atomic_text(plan.out / "summary.json", json.dumps(summary, indent=2, default=str))
+
+
+def write_failure(plan: Plan, stage: str, failures: dict[str, str]) -> Path:
+    """Record failed chunks (the run is not complete; no summary is written)."""
+    record = {"status": "failed", "stage": stage, "failed_chunks": failures}
+    return _atomic_text(plan.out / "failed.json", json.dumps(record, indent=2))
+
+
+def _versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def _atomic_text(path: Path, text: str) -> Path:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,105 @@
+"""``make_plan(spec)``: resolve names, open headers, build the grid; nothing computed yet."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pipeline.models.classical  # noqa: F401  (registers the classical segmenters)
+from pipeline import __version__
+from pipeline.errors import ConfigError, HaloTooSmallError
+from pipeline.io.sources import ImageSource, open_source
+from pipeline.models import ImageInfo, Segmenter, create_segmenter
+from pipeline.runner.spec import JobSpec
+from pipeline.tiling import ChunkGrid
+
+FORMATS_BY_KIND = {"raster": {"zarr", "cog", "png"}, "volume": {"zarr", "nifti", "mha", "png"}}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a run needs, resolved and validated."""
+
+    spec: JobSpec
+    source: ImageSource
+    segmenter: Segmenter
+    grid: ChunkGrid
+    out: Path
+    fingerprint: str
+
+    @property
+    def kind(self) -> str:
+        """``"raster"`` or ``"volume"``."""
+        return "raster" if len(self.source.spatial_shape) == 2 else "volume"
+
+    @property
+    def staging(self) -> Path:
+        """The zarr staging store."""
+        return self.out / "staging.zarr"
+
+    @property
+    def records(self) -> Path:
+        """Folder of the job fingerprint and completion records."""
+        return self.out / ".segpipe"
+
+
+def make_plan(spec: JobSpec) -> Plan:
+    """Validate ``spec`` against its input and segmenter and build the chunk grid."""
+    source = open_source(spec.input.path, allow_missing_crs=spec.input.allow_missing_crs)
+    kind: Literal["raster", "volume"] = "raster" if len(source.spatial_shape) == 2 else "volume"
+    info = ImageInfo(
+        kind,
+        source.shape[0],
+        source.dtype,
+        tuple(getattr(source.geometry, "band_names", ())),
+    )
+    segmenter = create_segmenter(spec.segmenter.name, spec.segmenter.params, info)
+    _check_formats(spec, kind)
+    halo = _halo(spec, segmenter)
+    grid = ChunkGrid.build(source.spatial_shape, spec.tiling.chunk, halo, spec.tiling.edge_mode)
+    out = Path(spec.output.dir or "")
+    return Plan(spec, source, segmenter, grid, out, fingerprint(spec, source, grid))
+
+
+def _check_formats(spec: JobSpec, kind: str) -> None:
+    wrong = [f for f in spec.output.formats if f not in FORMATS_BY_KIND[kind]]
+    if wrong:
+        raise ConfigError(
+            f"output.formats {wrong} do not apply to a {kind}; a {kind} can be "
+            f"written as {sorted(FORMATS_BY_KIND[kind])}"
+        )
+
+
+def _halo(spec: JobSpec, segmenter: Segmenter) -> int:
+    if spec.tiling.halo is None:
+        return segmenter.halo
+    if spec.tiling.halo < segmenter.halo:
+        raise HaloTooSmallError(
+            f"tiling.halo {spec.tiling.halo} is smaller than the {segmenter.halo} pixels segmenter "
+            f"{segmenter.name!r} needs with these parameters; chunks would disagree at seams. Set "
+            f"tiling.halo to at least {segmenter.halo} or remove it."
+        )
+    return spec.tiling.halo
+
+
+def fingerprint(spec: JobSpec, source: ImageSource, grid: ChunkGrid) -> str:
+    """Hash of input identity, segmenter, parameters and tile geometry."""
+    record: dict[str, Any] = {
+        "input": _identity(source.path),
+        "segmenter": spec.segmenter.name,
+        "params": spec.segmenter.params,
+        "chunk": grid.chunk,
+        "halo": grid.halo,
+        "edge_mode": grid.edge_mode,
+        "segpipe": __version__,
+    }
+    text = json.dumps(record, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _identity(path: Path) -> list[Any]:
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    return [str(path)] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]

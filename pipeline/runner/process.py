@@ -1,0 +1,107 @@
+"""The tasks that run on workers: ingest a chunk, reduce a chunk, segment a chunk.
+
+Arguments are paths, boxes and small parameter objects: never file handles or arrays of the
+whole image. Every task touches one chunk's read box and writes one aligned write box.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.data import valid_mask
+from pipeline.data.geometry import Geometry
+from pipeline.errors import PipelineError
+from pipeline.io import zarr_store
+from pipeline.io.sources import ImageSource
+from pipeline.metrics import tile_row
+from pipeline.models import Segmenter
+from pipeline.models.base import PartialFn
+from pipeline.stitching import crop_to_core
+from pipeline.tiling import ChunkGrid, ChunkSpec
+
+
+def worker_name() -> str:
+    """``host:pid`` of the process running the task."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def ingest_chunk(source: ImageSource, target: Path, spec: ChunkSpec, records: Path) -> str:
+    """Copy one write box of the source into the staging input array."""
+    data = source.read(spec.write)
+    zarr_store.write_box(target, spec.write, data)
+    zarr_store.CompletionLog(records, "ingest").mark(spec.chunk_id, {"chunk_id": spec.chunk_id})
+    return spec.chunk_id
+
+
+def ingest_whole(source: ImageSource, target: Path, grid: ChunkGrid, records: Path) -> int:
+    """Ingest a source that cannot be read by region (a compressed volume) in one task."""
+    from pipeline.tiling import Box
+
+    data = source.read(Box.from_shape(grid.shape))
+    log = zarr_store.CompletionLog(records, "ingest")
+    for spec in grid:
+        zarr_store.write_box(target, spec.write, data[(slice(None), *spec.write.slices())])
+        log.mark(spec.chunk_id, {"chunk_id": spec.chunk_id})
+    return len(grid)
+
+
+def read_block(staged: Path, spec: ChunkSpec, edge_mode: str) -> np.ndarray:
+    """The chunk's read box from the staging input, padded at image edges per ``edge_mode``."""
+    return spec.pad_block(zarr_store.read_box(staged, spec.read, channels=True), edge_mode)
+
+
+def reduce_chunk(
+    staged: Path, spec: ChunkSpec, edge_mode: str, nodata: float | None, partial: PartialFn
+) -> Any:
+    """One chunk's contribution to a global statistic (a segmenter's fit pass)."""
+    block = read_block(staged, spec, edge_mode)
+    return partial(block, valid_mask(block, nodata), spec.core(padded=edge_mode != "clip"))
+
+
+def combine_many(combine: Any, *parts: Any) -> Any:
+    """Fold partial results with ``combine``."""
+    acc = parts[0]
+    for part in parts[1:]:
+        acc = combine(acc, part)
+    return acc
+
+
+def segment_chunk(
+    staged: Path,
+    labels_path: Path,
+    spec: ChunkSpec,
+    edge_mode: str,
+    nodata: float | None,
+    segmenter: Segmenter,
+    geometry: Geometry,
+    records: Path,
+) -> dict[str, Any]:
+    """Segment one chunk, write its write box, record completion; return its metrics row."""
+    t0 = time.perf_counter()
+    block = read_block(staged, spec, edge_mode)
+    labels = segmenter(block, valid_mask(block, nodata))
+    if labels.shape != block.shape[1:]:
+        raise PipelineError(
+            f"chunk {spec.chunk_id}: segmenter {segmenter.name!r} returned shape "
+            f"{labels.shape} for a block of spatial shape {block.shape[1:]}"
+        )
+    core = crop_to_core(labels, spec, padded=edge_mode != "clip")
+    zarr_store.write_box(labels_path, spec.write, core)
+    row = tile_row(
+        spec.chunk_id,
+        spec.write.start,
+        spec.write.stop,
+        core,
+        segmenter.classes,
+        geometry,
+        nodata_label=segmenter.nodata_label,
+    )
+    row.update(seconds=time.perf_counter() - t0, worker=worker_name(), status="done")
+    zarr_store.CompletionLog(records, "segment").mark(spec.chunk_id, row)
+    return row

@@ -1,0 +1,8 @@
+"""Pure geometry of chunks: boxes, read/write boxes with halos, and grids."""
+
+from __future__ import annotations
+
+from pipeline.tiling.box import Box
+from pipeline.tiling.grid import EDGE_MODES, ChunkGrid, ChunkSpec, EdgeMode
+
+__all__ = ["EDGE_MODES", "Box", "ChunkGrid", "ChunkSpec", "EdgeMode"]

@@ -1,0 +1,147 @@
+"""Chunk grids: write boxes that tile an image exactly, and read boxes with halos."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import numpy as np
+
+from pipeline.errors import ChunkTooSmallError, ConfigError
+from pipeline.tiling.box import Box
+
+EdgeMode = Literal["clip", "reflect", "symmetric", "edge", "constant"]
+EDGE_MODES: tuple[str, ...] = get_args(EdgeMode)
+
+
+@dataclass(frozen=True)
+class ChunkSpec:
+    """One chunk: where it reads (with halo), where it writes, and how to pad at image edges.
+
+    ``pad`` holds ``(before, after)`` per axis: how far the halo sticks out of the image. With
+    edge mode ``clip`` it is ignored (the segmenter sees a smaller block at image edges and its
+    own boundary rule applies, exactly as on the whole image); other modes pad the block with
+    ``numpy.pad`` so every block has the full halo.
+    """
+
+    index: tuple[int, ...]
+    read: Box
+    write: Box
+    pad: tuple[tuple[int, int], ...]
+
+    @property
+    def chunk_id(self) -> str:
+        """Stable text id, e.g. ``"0_3"``."""
+        return "_".join(str(i) for i in self.index)
+
+    def core(self, *, padded: bool = False) -> tuple[slice, ...]:
+        """Slices of the write box inside the read block (after edge padding if ``padded``)."""
+        rel = self.write.relative_to(self.read)
+        if not padded:
+            return rel.slices()
+        return tuple(slice(a + p[0], b + p[0]) for a, b, p in zip(rel.start, rel.stop, self.pad, strict=True))
+
+    def pad_block(self, block: np.ndarray, mode: str) -> np.ndarray:
+        """Pad the trailing (spatial) axes of ``block`` out to the full halo with ``mode``."""
+        if mode == "clip" or not any(a or b for a, b in self.pad):
+            return block
+        widths = [(0, 0)] * (block.ndim - len(self.pad)) + list(self.pad)
+        return np.pad(block, widths, mode=mode)  # type: ignore[call-overload]
+
+
+@dataclass(frozen=True)
+class ChunkGrid:
+    """A regular grid of chunks over ``shape`` with uneven last chunks.
+
+    Parameters
+    ----------
+    shape
+        Spatial shape of the image.
+    chunk
+        Chunk size per axis (the last chunk along an axis may be smaller).
+    halo
+        Context per side per axis.
+    edge_mode
+        How the halo is filled beyond the image: see :class:`ChunkSpec`.
+    """
+
+    shape: tuple[int, ...]
+    chunk: tuple[int, ...]
+    halo: tuple[int, ...]
+    edge_mode: EdgeMode = "clip"
+
+    def __post_init__(self) -> None:
+        for name in ("shape", "chunk", "halo"):
+            object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+        n = len(self.shape)
+        if len(self.chunk) != n or len(self.halo) != n:
+            raise ConfigError(
+                f"chunk {self.chunk} and halo {self.halo} must have {n} values, "
+                f"one per spatial axis of an image of shape {self.shape}"
+            )
+        if any(c <= 0 for c in self.chunk) or any(h < 0 for h in self.halo):
+            raise ConfigError(f"chunk {self.chunk} must be positive and halo {self.halo} non-negative")
+        if self.edge_mode not in EDGE_MODES:
+            raise ConfigError(f"edge mode {self.edge_mode!r} is not one of {EDGE_MODES}")
+        self._check_chunk_covers_halo()
+
+    def _check_chunk_covers_halo(self) -> None:
+        for axis, (c, h, s) in enumerate(zip(self.chunk, self.halo, self.shape, strict=True)):
+            if c < h and c < s:
+                raise ChunkTooSmallError(
+                    f"tiling.chunk {list(self.chunk)} is smaller than the halo {list(self.halo)} "
+                    f"on axis {axis}: a chunk would read more halo than core. Use chunks of at "
+                    f"least {h} (ideally several times the halo) on that axis."
+                )
+
+    @classmethod
+    def build(
+        cls,
+        shape: Sequence[int],
+        chunk: Sequence[int],
+        halo: int | Sequence[int],
+        edge_mode: EdgeMode = "clip",
+    ) -> ChunkGrid:
+        """Build a grid, broadcasting a scalar halo to every axis and clipping chunks to shape."""
+        if len(chunk) != len(shape):
+            raise ConfigError(
+                f"tiling.chunk {list(chunk)} has {len(chunk)} values; the image "
+                f"has {len(shape)} spatial axes {tuple(shape)}"
+            )
+        halos = (halo,) * len(shape) if isinstance(halo, int) else tuple(halo)
+        chunks = tuple(min(int(c), int(s)) for c, s in zip(chunk, shape, strict=True))
+        return cls(tuple(shape), chunks, halos, edge_mode)
+
+    @property
+    def counts(self) -> tuple[int, ...]:
+        """Number of chunks along each axis."""
+        return tuple(-(-s // c) for s, c in zip(self.shape, self.chunk, strict=True))
+
+    def __len__(self) -> int:
+        n = 1
+        for c in self.counts:
+            n *= c
+        return n
+
+    def __iter__(self) -> Iterator[ChunkSpec]:
+        for index in itertools.product(*(range(n) for n in self.counts)):
+            yield self.spec(index)
+
+    def spec(self, index: Sequence[int]) -> ChunkSpec:
+        """The :class:`ChunkSpec` at grid position ``index``."""
+        start = tuple(i * c for i, c in zip(index, self.chunk, strict=True))
+        stop = tuple(min(a + c, s) for a, c, s in zip(start, self.chunk, self.shape, strict=True))
+        write = Box(start, stop)
+        wanted = write.grow(self.halo)
+        read = wanted.intersect(Box.from_shape(self.shape))
+        pad = tuple(
+            (r0 - w0, w1 - r1)
+            for w0, w1, r0, r1 in zip(wanted.start, wanted.stop, read.start, read.stop, strict=True)
+        )
+        return ChunkSpec(tuple(int(i) for i in index), read, write, pad)
+
+    def write_chunks(self) -> tuple[int, ...]:
+        """Chunk shape for the staging store (aligned with the write boxes)."""
+        return self.chunk
