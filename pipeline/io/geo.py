@@ -101,7 +101,7 @@ def write_cog(
             tmp,
             driver="COG",
             COMPRESS="DEFLATE",
-            BLOCKSIZE=512,
+            BLOCKSIZE=256,
             OVERVIEW_RESAMPLING=resampling,
             BIGTIFF="IF_SAFER",
         )

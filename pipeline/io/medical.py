@@ -154,3 +154,21 @@ def write_volume(path: Path, labels: np.ndarray, ref: VolumeRef) -> Path:
 def _first_line(err: Exception) -> str:
     lines = [s.strip() for s in str(err).splitlines() if s.strip()]
     return lines[-1] if lines else type(err).__name__
+
+
+def read_volume(path: Path) -> tuple[np.ndarray, VolumeRef]:
+    """Read a whole volume file or series (z, y, x) with its geometry (for small references)."""
+    shape, _, ref = volume_info(path)
+    return read_volume_box(path, Box.from_shape(shape))[0], ref
+
+
+def resample_to_grid(path: Path, shape_zyx: tuple[int, int, int], ref: VolumeRef) -> np.ndarray:
+    """Resample the label volume at ``path`` onto another grid through physical space.
+
+    Nearest neighbour, so labels stay labels; voxels outside the source are 0. This aligns
+    volumes by their geometry (direction, origin, spacing), never by array order.
+    """
+    moving = sitk.ReadImage(str(path)) if not path.is_dir() else _read_series(path, series_files(path))
+    grid = apply_volume_ref(sitk.Image([shape_zyx[2], shape_zyx[1], shape_zyx[0]], moving.GetPixelID()), ref)
+    out = sitk.Resample(moving, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, moving.GetPixelID())
+    return sitk.GetArrayFromImage(out)
