@@ -40,8 +40,15 @@ def client() -> Iterator[object]:
 
     from pipeline.cluster.connect import WORKER_ENV
 
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit="1GiB",
-                           env=WORKER_ENV, dashboard_address=None, host="127.0.0.1")
+    cluster = LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        memory_limit="1GiB",
+        env=WORKER_ENV,
+        dashboard_address=None,
+        host="127.0.0.1",
+    )
     with Client(cluster) as c:
         yield c
     cluster.close()

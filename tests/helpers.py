@@ -13,13 +13,23 @@ from pipeline.runner.execute import RunResult
 from pipeline.runner.spec import JobSpec, parse_job, resolve_paths
 
 
-def job(input_path: Path, out: Path, segmenter: str, params: dict[str, Any] | None = None, *,
-        chunk: list[int], formats: list[str] | None = None, **extra: Any) -> JobSpec:
+def job(
+    input_path: Path,
+    out: Path,
+    segmenter: str,
+    params: dict[str, Any] | None = None,
+    *,
+    chunk: list[int],
+    formats: list[str] | None = None,
+    **extra: Any,
+) -> JobSpec:
     """A resolved job spec writing into ``out``."""
     raw: dict[str, Any] = {
-        "name": "test-job", "input": {"path": str(input_path)},
+        "name": "test-job",
+        "input": {"path": str(input_path)},
         "segmenter": {"name": segmenter, "params": params or {}},
-        "tiling": {"chunk": chunk}, "output": {"dir": str(out), "formats": formats or ["zarr"]},
+        "tiling": {"chunk": chunk},
+        "output": {"dir": str(out), "formats": formats or ["zarr"]},
         **extra,
     }
     return resolve_paths(parse_job(raw), base=input_path.parent)

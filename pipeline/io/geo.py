@@ -29,8 +29,8 @@ def raster_info(path: Path, *, allow_missing_crs: bool = False) -> tuple[tuple[i
             return (ds.count, ds.height, ds.width), ds.dtypes[0], georef
     except RasterioError as e:
         raise ReadError(
-            f"{path}: not a readable raster ({e}). Check that the file is a complete "
-            "GeoTIFF (re-download or re-export it)."
+            f"{path}: not a readable raster ({e}). The file is truncated, corrupt or not "
+            "a GeoTIFF: Re-download or re-export it."
         ) from e
 
 
@@ -50,11 +50,12 @@ def _georef(ds: Any, path: Path, allow_missing_crs: bool) -> GeoRef:
 
 
 def _probe(ds: Any, path: Path) -> None:
-    """Read the first and last block so a truncated file fails now, not mid-job."""
+    """Read the first and the last block of every band, so a truncated file fails now."""
     bh, bw = ds.block_shapes[0]
+    first = Window(0, 0, min(bw, ds.width), min(bh, ds.height))
     last = Window(max(ds.width - bw, 0), max(ds.height - bh, 0), min(bw, ds.width), min(bh, ds.height))
-    for window in (Window(0, 0, min(bw, ds.width), min(bh, ds.height)), last):
-        ds.read(1, window=window)
+    for window in (first, last):
+        ds.read(window=window)
 
 
 def read_raster_box(path: Path, box: Box) -> np.ndarray:

@@ -64,7 +64,7 @@ def open_source(path: str | Path, *, allow_missing_crs: bool = False) -> ImageSo
     name = p.name.lower()
     if name.endswith(".zarr") or (p / "zarr.json").exists():
         shape, dtype, geometry = zarr_store.array_info(p)
-        return ImageSource(p, "zarr", shape, dtype, geometry)
+        return _checked(ImageSource(p, "zarr", shape, dtype, geometry))
     if medical.is_volume_path(p):
         (z, y, x), dtype, ref = medical.volume_info(p)
         return ImageSource(p, "volume", (1, z, y, x), dtype, ref)
@@ -76,6 +76,19 @@ def open_source(path: str | Path, *, allow_missing_crs: bool = False) -> ImageSo
         f"{geo.RASTER_SUFFIXES}, volumes {medical.VOLUME_SUFFIXES}, DICOM "
         "series folders and segpipe zarr arrays"
     )
+
+
+def _checked(src: ImageSource) -> ImageSource:
+    expected = 2 if isinstance(src.geometry, GeoRef) else 3
+    if len(src.shape) != expected + 1:
+        raise InvalidImageError(
+            f"{src.path}: {len(src.shape) - 1}-D data is not supported; its geometry says "
+            f"{'raster (y, x)' if expected == 2 else 'volume (z, y, x)'} with a channel axis "
+            f"first, but the array has shape {src.shape}. Squeeze or split the extra axes."
+        )
+    if any(s == 0 for s in src.shape):
+        raise InvalidImageError(f"{src.path}: the image is empty (shape {src.shape})")
+    return src
 
 
 def open_image(path: str | Path, *, chunk: int = 512, allow_missing_crs: bool = False) -> Image:

@@ -85,8 +85,9 @@ def array_info(path: Path) -> tuple[tuple[int, ...], str, Geometry]:
             "an array segpipe wrote (OUT/staging.zarr/input or .../labels)"
         ) from e
     shape = tuple(arr.shape)
-    spatial = 2 if geometry.to_json()["kind"] == "raster" else 3
-    return (shape if len(shape) > spatial else (1, *shape)), str(arr.dtype), geometry
+    if geometry.to_json()["kind"] == "volume" and len(shape) == 3:
+        shape = (1, *shape)
+    return shape, str(arr.dtype), geometry
 
 
 class CompletionLog:

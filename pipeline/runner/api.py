@@ -8,7 +8,7 @@ from distributed import Client
 
 import pipeline.models.classical  # noqa: F401  (registers the classical segmenters)
 from pipeline.cluster import connect
-from pipeline.runner.execute import RunResult, execute
+from pipeline.runner.execute import RunResult, check_output, execute
 from pipeline.runner.plan import make_plan
 from pipeline.runner.spec import JobSpec
 
@@ -30,6 +30,8 @@ def run_jobs(
 ) -> Iterator[RunResult]:
     """Plan every job first (so bad input fails before any cluster starts), then run them."""
     plans = [make_plan(s) for s in specs]
+    for plan in plans:
+        check_output(plan, restart=restart)
     if client is not None:
         for plan in plans:
             yield execute(plan, client, restart=restart)

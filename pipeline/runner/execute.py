@@ -42,27 +42,34 @@ class RunResult:
     segmenter: Segmenter | None = None
 
 
+def check_output(plan: Plan, *, restart: bool = False) -> bool:
+    """Whether the output folder can be resumed; raise if it belongs to something else."""
+    job_file = plan.records / "job.json"
+    if not (plan.out.exists() and any(plan.out.iterdir())):
+        return False
+    owner = json.loads(job_file.read_text()) if job_file.exists() else None
+    if owner is None:
+        raise OutputConflictError(
+            f"{plan.out}: the output folder holds files that segpipe did not write; choose an "
+            "empty or new folder (output.dir or --set output.dir=...)"
+        )
+    if owner["fingerprint"] != plan.fingerprint and not restart:
+        raise OutputConflictError(
+            f"{plan.out}: holds results of a different job ({owner['name']!r}, fingerprint "
+            f"{owner['fingerprint']}, this job {plan.fingerprint}); results are never mixed. "
+            "Use another output.dir, or rerun with --restart to discard the old results."
+        )
+    return not restart
+
+
 def prepare_output(plan: Plan, *, restart: bool = False) -> bool:
     """Claim the output folder; return whether a previous run's records can be resumed."""
     job_file = plan.records / "job.json"
-    if plan.out.exists() and any(plan.out.iterdir()):
-        owner = json.loads(job_file.read_text()) if job_file.exists() else None
-        if restart and owner is not None:
-            _clear(plan.out)
-        elif owner is None:
-            raise OutputConflictError(
-                f"{plan.out}: the output folder holds files that segpipe did not write; choose an "
-                "empty or new folder (output.dir or --set output.dir=...)"
-            )
-        elif owner["fingerprint"] != plan.fingerprint:
-            raise OutputConflictError(
-                f"{plan.out}: holds results of a different job ({owner['name']!r}, fingerprint "
-                f"{owner['fingerprint']}, this job {plan.fingerprint}); results are never mixed. "
-                "Use another output.dir, or rerun with --restart to discard the old results."
-            )
-        else:
-            (plan.out / "summary.json").unlink(missing_ok=True)
-            return True
+    if check_output(plan, restart=restart):
+        (plan.out / "summary.json").unlink(missing_ok=True)
+        return True
+    if plan.out.exists() and restart:
+        _clear(plan.out)
     plan.records.mkdir(parents=True, exist_ok=True)
     job_file.write_text(json.dumps({"name": plan.spec.name, "fingerprint": plan.fingerprint}))
     return False

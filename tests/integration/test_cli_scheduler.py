@@ -35,21 +35,45 @@ def _wait_for_workers(address: str, n: int, timeout: float = 60) -> None:
         c.wait_for_workers(n, timeout=timeout)
 
 
+def _spawn(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    with open(log, "w") as fh:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen([str(BIN / "dask"), *args], stdout=fh, stderr=subprocess.STDOUT, env=env)
+
+
 @pytest.fixture(scope="module")
 def dask_cli_cluster(tmp_path_factory) -> Iterator[str]:
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"
     logs = tmp_path_factory.mktemp("dask-logs")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port",
-                               str(port), "--no-dashboard"], stdout=open(logs / "s.log", "w"),
-                              stderr=subprocess.STDOUT, env=env)]
+    procs = [
+        _spawn(
+            ["scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"], logs / "s.log", env
+        )
+    ]
     time.sleep(1.0)
     for i in range(2):
-        procs.append(subprocess.Popen(
-            [str(BIN / "dask"), "worker", address, "--nthreads", "1", "--nworkers", "1",
-             "--memory-limit", "1GiB", "--host", "127.0.0.1", "--no-dashboard", "--name", f"w{i}"],
-            stdout=open(logs / f"w{i}.log", "w"), stderr=subprocess.STDOUT, env=env))
+        procs.append(
+            _spawn(
+                [
+                    "worker",
+                    address,
+                    "--nthreads",
+                    "1",
+                    "--nworkers",
+                    "1",
+                    "--memory-limit",
+                    "1GiB",
+                    "--host",
+                    "127.0.0.1",
+                    "--no-dashboard",
+                    "--name",
+                    f"w{i}",
+                ],
+                logs / f"w{i}.log",
+                env,
+            )
+        )
     try:
         _wait_for_workers(address, 2)
         yield address
@@ -62,13 +86,31 @@ def dask_cli_cluster(tmp_path_factory) -> Iterator[str]:
 
 def test_run_with_scheduler_equals_local_cluster_run(dask_cli_cluster, client, data, tmp_path) -> None:
     out = tmp_path / "cli"
-    proc = subprocess.run([str(BIN / "segpipe"), "run", str(JOB), "--scheduler", dask_cli_cluster,
-                           "--set", f"output.dir={out}"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            str(BIN / "segpipe"),
+            "run",
+            str(JOB),
+            "--scheduler",
+            dask_cli_cluster,
+            "--set",
+            f"output.dir={out}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert f"complete -> {out}" in proc.stdout
-    local = run(client, data / "geo" / "Spain_7370579_S2Hand.tif", tmp_path / "local", "otsu",
-                {"band": "B8", "foreground": "below", "class_name": "water"}, chunk=[192, 160],
-                formats=["cog"])
+    local = run(
+        client,
+        data / "geo" / "Spain_7370579_S2Hand.tif",
+        tmp_path / "local",
+        "otsu",
+        {"band": "B8", "foreground": "below", "class_name": "water"},
+        chunk=[192, 160],
+        formats=["cog"],
+    )
     with rasterio.open(out / "labels.tif") as a, rasterio.open(local.outputs["cog"]) as b:
         assert np.array_equal(a.read(1), b.read(1))
         assert a.crs == b.crs and a.transform == b.transform
@@ -78,17 +120,29 @@ def test_run_with_scheduler_equals_local_cluster_run(dask_cli_cluster, client, d
 
 
 def test_unreachable_scheduler_is_a_clear_error(tmp_path) -> None:
-    proc = subprocess.run([str(BIN / "segpipe"), "run", str(JOB), "--scheduler",
-                           f"tcp://127.0.0.1:{_free_port()}", "--set", f"output.dir={tmp_path / 'o'}"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            str(BIN / "segpipe"),
+            "run",
+            str(JOB),
+            "--scheduler",
+            f"tcp://127.0.0.1:{_free_port()}",
+            "--set",
+            f"output.dir={tmp_path / 'o'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "cannot reach the Dask scheduler" in proc.stderr and "dask scheduler" in proc.stderr
     assert not (tmp_path / "o" / "summary.json").exists()
 
 
 def test_segmenters_and_validate_commands() -> None:
-    proc = subprocess.run([str(BIN / "segpipe"), "segmenters", "--json"], capture_output=True,
-                          text=True, check=True)
+    proc = subprocess.run(
+        [str(BIN / "segpipe"), "segmenters", "--json"], capture_output=True, text=True, check=True
+    )
     listed = {s["name"]: s for s in json.loads(proc.stdout)}
     assert {"otsu", "threshold"} <= set(listed)
     assert "smooth_sigma" in listed["otsu"]["params"] and listed["otsu"]["kind"] == "semantic"
@@ -97,5 +151,3 @@ def test_segmenters_and_validate_commands() -> None:
     proc = subprocess.run([str(BIN / "segpipe"), "validate", *jobs], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count(": ok (") == len(jobs)
-
-

@@ -21,9 +21,15 @@ from tests.helpers import labels_of, run
 @pytest.fixture(scope="module")
 def flood(client, data, tmp_path_factory):
     out = tmp_path_factory.mktemp("flood") / "out"
-    return run(client, data / "geo" / "Spain_7370579_S2Hand.tif", out, "otsu",
-               {"band": "B8", "foreground": "below", "class_name": "water"},
-               chunk=[200, 150], formats=["zarr", "cog", "png"])
+    return run(
+        client,
+        data / "geo" / "Spain_7370579_S2Hand.tif",
+        out,
+        "otsu",
+        {"band": "B8", "foreground": "below", "class_name": "water"},
+        chunk=[200, 150],
+        formats=["zarr", "cog", "png"],
+    )
 
 
 def test_cog_is_valid_and_keeps_crs_transform_size_nodata(flood, data) -> None:
@@ -45,13 +51,23 @@ def test_quicklook_png_and_metrics_table(flood) -> None:
     assert png.format == "PNG" and min(png.size) > 200
     tiles = pd.read_parquet(flood.outputs["tiles"])
     assert len(tiles) == len(flood.plan.grid) == 12
-    assert {"chunk_id", "start", "stop", "bounds", "pixels", "frac_water", "frac_background",
-            "seconds", "worker", "status"} <= set(tiles.columns)
+    assert {
+        "chunk_id",
+        "start",
+        "stop",
+        "bounds",
+        "pixels",
+        "frac_water",
+        "frac_background",
+        "seconds",
+        "worker",
+        "status",
+    } <= set(tiles.columns)
     assert tiles["pixels"].sum() == 512 * 512
     water = (labels_of(flood) == 1).sum()
     assert np.isclose((tiles["frac_water"] * tiles["valid_pixels"]).sum(), water)
     # bounds are in CRS units (degrees here) and lie inside the raster's bounds
-    x0, y0, x1, y1 = np.stack(tiles["bounds"].to_numpy()).T
+    x0, _y0, _x1, y1 = np.stack(tiles["bounds"].to_numpy()).T
     assert x0.min() == pytest.approx(-0.78189, abs=1e-4) and y1.max() == pytest.approx(38.12881, abs=1e-4)
 
 
@@ -75,12 +91,20 @@ def _geometry(path: Path) -> tuple:
     return img.GetSize(), img.GetSpacing(), img.GetOrigin(), img.GetDirection()
 
 
-@pytest.mark.parametrize("source", ["totalseg_example_ct_sm.nii.gz", "totalseg_example_ct_dicom",
-                                    "brain1_image.nrrd"])
+@pytest.mark.parametrize(
+    "source", ["totalseg_example_ct_sm.nii.gz", "totalseg_example_ct_dicom", "brain1_image.nrrd"]
+)
 def test_volume_outputs_keep_spacing_origin_direction(client, data, tmp_path, source) -> None:
     path = data / "medical" / source
-    result = run(client, path, tmp_path / "out", "threshold", {"preset": "ct_air_soft_bone"},
-                 chunk=[8, 64, 64], formats=["zarr", "nifti", "mha", "png"])
+    result = run(
+        client,
+        path,
+        tmp_path / "out",
+        "threshold",
+        {"preset": "ct_air_soft_bone"},
+        chunk=[8, 64, 64],
+        formats=["zarr", "nifti", "mha", "png"],
+    )
     size, spacing, origin, direction = _geometry(path)
     for key in ("nifti", "mha"):
         written = sitk.ReadImage(result.outputs[key])
@@ -99,8 +123,11 @@ def test_dicom_label_volume_lines_up_in_physical_space_not_array_order(data) -> 
     assert seg_ref.direction_zyx[1][1] == pytest.approx(-1.0)  # y axis flipped on disk
     aligned = resample_to_grid(seg_path, series.shape, ref)
     names = json.loads((data / "medical" / "totalseg_example_ct_dicom_seg.labels.json").read_text())
-    bone_ids = [int(k) for k, v in names["labels"].items()
-                if any(w in v for w in ("vertebra", "rib", "sternum", "costal"))]
+    bone_ids = [
+        int(k)
+        for k, v in names["labels"].items()
+        if any(w in v for w in ("vertebra", "rib", "sternum", "costal"))
+    ]
     assert bone_ids
     bone_hu_aligned = series[np.isin(aligned, bone_ids)].mean()
     bone_hu_raw = series[np.isin(raw_seg, bone_ids)].mean()
@@ -110,4 +137,3 @@ def test_dicom_label_volume_lines_up_in_physical_space_not_array_order(data) -> 
     assert body_air_aligned < 0.05 < body_air_raw, (body_air_aligned, body_air_raw)
     # resampling by geometry equals flipping the stored y axis, voxel for voxel
     assert np.array_equal(aligned, raw_seg[:, ::-1, :])
-

@@ -37,8 +37,7 @@ def _otsu_reference(values: np.ndarray, valid: np.ndarray, *, below: bool = Fals
 @pytest.mark.parametrize("chunk", CHUNKINGS_2D, ids=lambda c: "x".join(map(str, c)))
 def test_otsu_sentinel2_nir_tiled_equals_whole(client, data, tmp_path, chunk) -> None:
     path = data / "geo" / "Spain_7370579_S2Hand.tif"
-    result = run(client, path, tmp_path / "out", "otsu", {"band": "B8", "foreground": "below"},
-                 chunk=chunk)
+    result = run(client, path, tmp_path / "out", "otsu", {"band": "B8", "foreground": "below"}, chunk=chunk)
     values, valid = _raster(path, 8)
     expected = _otsu_reference(values, valid, below=True)
     assert result.segmenter.threshold == threshold_otsu(values[valid])
@@ -54,13 +53,13 @@ def test_otsu_float_with_nan_nodata_tiled_equals_whole(client, data, tmp_path, c
     assert np.count_nonzero(labels_of(result) != _otsu_reference(values, valid)) == 0
 
 
-@pytest.mark.parametrize("chunk", [[128, 128], [100, 77], [333, 200], [64, 500]],
-                         ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize(
+    "chunk", [[128, 128], [100, 77], [333, 200], [64, 500]], ids=lambda c: "x".join(map(str, c))
+)
 def test_smoothed_otsu_halo_crop_is_exact(client, data, tmp_path, chunk) -> None:
     """A Gaussian pre-filter needs a halo; cropping it gives the whole-image result exactly."""
     path = data / "geo" / "Spain_7370579_S2Hand.tif"
-    result = run(client, path, tmp_path / "out", "otsu", {"band": "B8", "smooth_sigma": 1.5},
-                 chunk=chunk)
+    result = run(client, path, tmp_path / "out", "otsu", {"band": "B8", "smooth_sigma": 1.5}, chunk=chunk)
     assert result.plan.grid.halo == (6, 6)
     values, valid = _raster(path, 8)
     smooth = ndimage.gaussian_filter(values.astype(np.float64), 1.5, truncate=4.0)
@@ -70,8 +69,14 @@ def test_smoothed_otsu_halo_crop_is_exact(client, data, tmp_path, chunk) -> None
 @pytest.mark.parametrize("chunk", CHUNKINGS_2D[1:], ids=lambda c: "x".join(map(str, c)))
 def test_fixed_threshold_tiled_equals_whole(client, data, tmp_path, chunk) -> None:
     path = data / "geo" / "Spain_7370579_S1Hand.tif"
-    result = run(client, path, tmp_path / "out", "threshold",
-                 {"band": 1, "value": -15.0, "foreground": "below"}, chunk=chunk)
+    result = run(
+        client,
+        path,
+        tmp_path / "out",
+        "threshold",
+        {"band": 1, "value": -15.0, "foreground": "below"},
+        chunk=chunk,
+    )
     values, valid = _raster(path, 1)
     expected = (values < -15.0).astype(np.uint8)
     expected[~valid] = 255
@@ -84,8 +89,9 @@ def _ct(data: Path) -> np.ndarray:
 
 @pytest.mark.parametrize("chunk", CHUNKINGS_3D, ids=lambda c: "x".join(map(str, c)))
 def test_otsu_ct_volume_tiled_equals_whole(client, data, tmp_path, chunk) -> None:
-    result = run(client, data / "medical" / "totalseg_example_ct_sm.nii.gz", tmp_path / "out",
-                 "otsu", {}, chunk=chunk)
+    result = run(
+        client, data / "medical" / "totalseg_example_ct_sm.nii.gz", tmp_path / "out", "otsu", {}, chunk=chunk
+    )
     volume = _ct(data)
     expected = (volume > threshold_otsu(volume)).astype(np.uint8)
     assert np.count_nonzero(labels_of(result) != expected) == 0
@@ -93,8 +99,14 @@ def test_otsu_ct_volume_tiled_equals_whole(client, data, tmp_path, chunk) -> Non
 
 @pytest.mark.parametrize("chunk", CHUNKINGS_3D[1:], ids=lambda c: "x".join(map(str, c)))
 def test_hu_windows_ct_tiled_equals_whole(client, data, tmp_path, chunk) -> None:
-    result = run(client, data / "medical" / "totalseg_example_ct_sm.nii.gz", tmp_path / "out",
-                 "threshold", {"preset": "ct_air_soft_bone"}, chunk=chunk)
+    result = run(
+        client,
+        data / "medical" / "totalseg_example_ct_sm.nii.gz",
+        tmp_path / "out",
+        "threshold",
+        {"preset": "ct_air_soft_bone"},
+        chunk=chunk,
+    )
     v = _ct(data)
     expected = np.zeros(v.shape, np.uint8)
     expected[v < -400] = 1
@@ -104,8 +116,11 @@ def test_hu_windows_ct_tiled_equals_whole(client, data, tmp_path, chunk) -> None
     assert set(np.unique(expected)) == {0, 1, 2, 3}
 
 
-@pytest.mark.parametrize("chunk", [[20, 512, 512], [8, 256, 256], [3, 200, 300], [20, 64, 512]],
-                         ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize(
+    "chunk",
+    [[20, 512, 512], [8, 256, 256], [3, 200, 300], [20, 64, 512]],
+    ids=lambda c: "x".join(map(str, c)),
+)
 def test_otsu_dicom_series_tiled_equals_whole(client, data, tmp_path, chunk) -> None:
     folder = data / "medical" / "totalseg_example_ct_dicom"
     result = run(client, folder, tmp_path / "out", "otsu", {}, chunk=chunk)

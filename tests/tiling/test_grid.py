@@ -20,12 +20,18 @@ def test_box_geometry_and_validation() -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.integers(1, 40), min_size=2, max_size=3).flatmap(
-    lambda shape: st.tuples(st.just(shape), st.lists(st.integers(1, 17), min_size=len(shape),
-                                                     max_size=len(shape)), st.integers(0, 5))))
+@given(
+    st.lists(st.integers(1, 40), min_size=2, max_size=3).flatmap(
+        lambda shape: st.tuples(
+            st.just(shape),
+            st.lists(st.integers(1, 17), min_size=len(shape), max_size=len(shape)),
+            st.integers(0, 5),
+        )
+    )
+)
 def test_write_boxes_tile_the_image_exactly(case: tuple[list[int], list[int], int]) -> None:
     shape, chunk, halo = case
-    halo = min(halo, min(min(c, s) for c, s in zip(chunk, shape)))
+    halo = min(halo, min(min(c, s) for c, s in zip(chunk, shape, strict=False)))
     grid = ChunkGrid.build(shape, chunk, halo)
     cover = np.zeros(shape, dtype=int)
     for spec in grid:
@@ -60,8 +66,10 @@ def test_padded_block_core_matches_and_has_full_halo(mode: str) -> None:
         assert block.shape[1:] == tuple(s + 6 for s in spec.write.shape)
         assert np.array_equal(block[(0, *spec.core(padded=True))], image[(0, *spec.write.slices())])
         grown = spec.write.grow((3, 3))
-        assert np.array_equal(block[0], whole[0][tuple(slice(a + 3, b + 3) for a, b in
-                                                       zip(grown.start, grown.stop))])
+        assert np.array_equal(
+            block[0],
+            whole[0][tuple(slice(a + 3, b + 3) for a, b in zip(grown.start, grown.stop, strict=False))],
+        )
 
 
 def test_chunk_smaller_than_halo_is_refused() -> None:
