@@ -73,7 +73,7 @@ def read_raster_box(path: Path, box: Box) -> np.ndarray:
 
 def same_crs(a: str, b: str) -> bool:
     """Whether two WKT strings name the same CRS."""
-    return bool(rasterio.crs.CRS.from_wkt(a) == rasterio.crs.CRS.from_wkt(b))
+    return bool(rasterio.crs.CRS.from_user_input(a) == rasterio.crs.CRS.from_user_input(b))
 
 
 def write_cog(

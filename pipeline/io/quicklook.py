@@ -40,12 +40,20 @@ def write_quicklook(
 ) -> Path:
     """Render a decimated view (middle axial slice for volumes) to ``path`` atomically."""
     image, labels = _decimated(image_zarr, labels_zarr)
+    if labels.dtype != np.uint8:  # instance ids: colour by id, count them in the title
+        n = len(np.unique(labels[labels != 0]))
+        labels = np.where(labels == 0, 0, (labels.astype(np.int64) - 1) % (len(PALETTE) - 1) + 1)
+        classes = {0: "background", **dict.fromkeys(range(1, len(PALETTE)), "")}
+        title = f"{title} ({n} objects in view)"
     fig, ax = plt.subplots(figsize=(8, 8 * labels.shape[0] / max(labels.shape[1], 1) + 0.6))
     ax.imshow(_stretch(image), cmap="gray", interpolation="nearest")
     shown = np.ma.masked_where((labels == 0) | (labels == nodata_label), labels)
     cmap = ListedColormap([PALETTE[i % len(PALETTE)] for i in range(max(classes) + 1)])
     ax.imshow(shown, cmap=cmap, vmin=0, vmax=max(classes), alpha=0.55, interpolation="nearest")
-    handles = [Patch(color=PALETTE[i % len(PALETTE)], label=f"{i} {n}") for i, n in classes.items() if i != 0]
+    handles = [
+        Patch(color=PALETTE[i % len(PALETTE)], label=f"{i} {n}") for i, n in classes.items() if i != 0 and n
+    ]
+
     handles.append(Patch(facecolor="none", edgecolor="black", label=f"{nodata_label} nodata"))
     ax.legend(handles=handles, loc="lower right", fontsize=8, framealpha=0.8)
     ax.set_title(title, fontsize=10)

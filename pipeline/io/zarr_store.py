@@ -85,8 +85,10 @@ def array_info(path: Path) -> tuple[tuple[int, ...], str, Geometry]:
             "an array segpipe wrote (OUT/staging.zarr/input or .../labels)"
         ) from e
     shape = tuple(arr.shape)
-    if geometry.to_json()["kind"] == "volume" and len(shape) == 3:
+    spatial = 2 if geometry.to_json()["kind"] == "raster" else 3
+    if len(shape) == spatial:  # a label map: no channel axis
         shape = (1, *shape)
+
     return shape, str(arr.dtype), geometry
 
 

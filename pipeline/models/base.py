@@ -19,6 +19,11 @@ from pipeline.errors import ConfigError
 from pipeline.registry import Registry
 
 Kind = Literal["semantic", "instance", "panoptic"]
+#: How instance ids meet across seams: ``touch`` (the engine labels connected components of
+#: the segmenter's class map in each chunk and joins components touching across a seam: exact),
+#: ``overlap`` (the segmenter returns instance labels on its whole read block; ids are matched by
+#: IoU in the halo overlap), ``none`` (ids are already global, e.g. an existing label map).
+MergePolicy = Literal["touch", "overlap", "none"]
 T = TypeVar("T")
 #: ``partial(block, valid, core) -> T``: statistics of one chunk's core (block has its halo).
 PartialFn = Callable[[np.ndarray, np.ndarray, tuple[slice, ...]], Any]
@@ -57,6 +62,7 @@ class Segmenter:
     summary: ClassVar[str] = ""
     Params: ClassVar[type[SegmenterParams]] = SegmenterParams
     nodata_label: ClassVar[int] = NODATA_LABEL
+    merge: ClassVar[MergePolicy] = "touch"
 
     def __init__(self, params: SegmenterParams, info: ImageInfo) -> None:
         self.params = params
@@ -77,6 +83,21 @@ class Segmenter:
         """Class id -> name (``nodata_label`` is reserved for nodata)."""
         return {0: "background", 1: "foreground"}
 
+    @property
+    def connectivity(self) -> int:
+        """Neighbourhood for instance labelling and seam merges (1 = faces only)."""
+        return 1
+
+    @property
+    def instance_classes(self) -> list[int]:
+        """Classes turned into instances (``touch`` policy): every class but 0 and nodata."""
+        return [c for c in self.classes if c not in (0, self.nodata_label)]
+
+    @property
+    def iou_threshold(self) -> float:
+        """Minimum IoU in the halo overlap for two ids to be one object (``overlap`` policy)."""
+        return 0.5
+
     def fit(self, reduce: Reducer) -> Segmenter:
         """Return a segmenter with global statistics fitted; the default needs none."""
         return self
@@ -86,7 +107,11 @@ class Segmenter:
         return {}
 
     def __call__(self, block: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        """Labels for ``block`` (``(C, *spatial)`` with halo), same spatial shape, uint8."""
+        """Labels for ``block`` (``(C, *spatial)`` with halo), same spatial shape.
+
+        Semantic and ``touch`` instance segmenters return a uint8 class map; ``overlap`` ones
+        return instance ids (0 = background); ``none`` ones return global ids.
+        """
         raise NotImplementedError
 
 

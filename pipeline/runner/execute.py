@@ -24,6 +24,7 @@ from pipeline.io import zarr_store
 from pipeline.models import Segmenter
 from pipeline.models.base import CombineFn, PartialFn
 from pipeline.runner import finalize, process
+from pipeline.runner.instances import run_instances
 from pipeline.runner.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class RunResult:
     chunks_computed: int = 0
     chunks_skipped: int = 0
     segmenter: Segmenter | None = None
+    instances: dict[str, Any] = field(default_factory=dict)
 
 
 def check_output(plan: Plan, *, restart: bool = False) -> bool:
@@ -90,6 +92,16 @@ def create_stores(plan: Plan) -> None:
         dtype=plan.source.dtype,
         geometry=plan.source.geometry,
     )
+    if plan.segmenter.kind == "instance":
+        local_dtype = "uint64" if plan.segmenter.merge == "none" else "uint32"
+        zarr_store.create_array(
+            plan.staging / "local",
+            shape=plan.source.spatial_shape,
+            chunks=chunks,
+            dtype=local_dtype,
+            geometry=plan.source.geometry,
+        )
+        return
     zarr_store.create_array(
         plan.staging / "labels",
         shape=plan.source.spatial_shape,
@@ -109,7 +121,17 @@ def execute(plan: Plan, client: Client, *, restart: bool = False) -> RunResult:
     _timed(result, "ingest", lambda: ingest(plan, client))
     fitted = _timed(result, "fit", lambda: plan.segmenter.fit(make_reducer(plan, client)))
     result.segmenter = fitted
-    _timed(result, "segment", lambda: segment(plan, client, fitted, result))
+    if fitted.kind == "instance":
+        result.instances = _timed(
+            result,
+            "segment",
+            lambda: run_instances(
+                plan, client, fitted, lambda futs, stage: _wait_all(plan, futs, stage), _token()
+            ),
+        )
+        result.chunks_computed = len(plan.grid)
+    else:
+        _timed(result, "segment", lambda: segment(plan, client, fitted, result))
     _timed(result, "finalize", lambda: result.outputs.update(finalize.finalize(plan, fitted)))
     finalize.write_summary(
         plan,
@@ -117,6 +139,7 @@ def execute(plan: Plan, client: Client, *, restart: bool = False) -> RunResult:
         result.outputs,
         result.timings,
         {"computed": result.chunks_computed, "skipped": result.chunks_skipped},
+        result.instances,
     )
     return result
 

@@ -12,10 +12,12 @@ import platform
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
+
+import pandas as pd
 
 from pipeline.data.geometry import GeoRef, VolumeRef
-from pipeline.io import geo, medical, zarr_store
+from pipeline.io import geo, medical, tables, vector, zarr_store
 from pipeline.io.quicklook import write_quicklook
 from pipeline.metrics import write_tile_table
 from pipeline.models import Segmenter
@@ -61,25 +63,42 @@ def finalize(plan: Plan, segmenter: Segmenter) -> dict[str, str]:
                 nodata_label=segmenter.nodata_label,
             )
         )
-    rows = zarr_store.CompletionLog(plan.records, "segment").rows()
+    if segmenter.kind == "instance":
+        outputs.update(_instance_outputs(plan, labels))
+    stage = "label" if segmenter.kind == "instance" else "segment"
+    rows = zarr_store.CompletionLog(plan.records, stage).rows()
     outputs["tiles"] = str(write_tile_table(plan.out / "tiles.parquet", rows))
     outputs["job"] = str(_atomic_text(plan.out / "job.resolved.yaml", dump_job(plan.spec)))
     return outputs
 
 
+def _instance_outputs(plan: Plan, labels: Path) -> dict[str, str]:
+    pixel_table = pd.read_parquet(plan.records / "objects.parquet")
+    table = tables.world_objects(pixel_table, plan.source.geometry, plan.source.spatial_shape)
+    out = {"objects": str(tables.write_parquet(plan.out / "objects.parquet", table))}
+    formats = plan.spec.output.formats
+    if isinstance(plan.source.geometry, GeoRef) and ({"gpkg", "geoparquet"} & set(formats)):
+        polys = vector.polygons_from_chunks(
+            labels, list(plan.grid), plan.source.geometry, table[["id", "class"]]
+        )
+        for fmt, name in (("gpkg", "objects.gpkg"), ("geoparquet", "objects_polygons.parquet")):
+            if fmt in formats:
+                out[fmt] = str(vector.write_polygons(plan.out / name, polys, fmt))
+    return out
+
+
 def _write_cog(plan: Plan, labels: Path, segmenter: Segmenter) -> Path:
     georef = cast(GeoRef, plan.source.geometry)
     has_nodata = georef.nodata is not None or plan.source.dtype.lstrip("<>=|")[0] == "f"
-    nodata = segmenter.nodata_label if has_nodata else None
+    nodata = segmenter.nodata_label if has_nodata and segmenter.kind == "semantic" else None
 
     def windows():  # type: ignore[no-untyped-def]
         for spec in plan.grid:
             yield spec.write, zarr_store.read_box(labels, spec.write)
 
     shape = plan.source.spatial_shape
-    return geo.write_cog(
-        plan.out / "labels.tif", georef, (shape[0], shape[1]), "uint8", windows, nodata=nodata
-    )
+    dtype = zarr_store.array_info(labels)[1]
+    return geo.write_cog(plan.out / "labels.tif", georef, (shape[0], shape[1]), dtype, windows, nodata=nodata)
 
 
 def write_summary(
@@ -88,6 +107,7 @@ def write_summary(
     outputs: dict[str, str],
     timings: dict[str, float],
     chunks: dict[str, int],
+    instances: dict[str, Any] | None = None,
 ) -> Path:
     """The job summary JSON, written last: its ``status: complete`` marks a finished run."""
     summary = {
@@ -117,6 +137,7 @@ def write_summary(
             "n_chunks": len(plan.grid),
             **chunks,
         },
+        "instances": instances or None,
         "timings_s": timings,
         "outputs": outputs,
         "versions": _versions(),

@@ -16,7 +16,10 @@ from pipeline.models import ImageInfo, Segmenter, create_segmenter
 from pipeline.runner.spec import JobSpec
 from pipeline.tiling import ChunkGrid
 
-FORMATS_BY_KIND = {"raster": {"zarr", "cog", "png"}, "volume": {"zarr", "nifti", "mha", "png"}}
+FORMATS_BY_KIND = {
+    "raster": {"zarr", "cog", "png", "gpkg", "geoparquet"},
+    "volume": {"zarr", "nifti", "mha", "png"},
+}
 
 
 @dataclass(frozen=True)

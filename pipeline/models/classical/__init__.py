@@ -2,4 +2,5 @@
 
 from __future__ import annotations
 
+from pipeline.models.classical import components as components
 from pipeline.models.classical import threshold as threshold

@@ -1,0 +1,139 @@
+"""Instance stitching on Dask: label chunks, find merges at seams, solve, relabel, object table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from distributed import Client
+
+from pipeline.io import zarr_store
+from pipeline.metrics.objects import combine_partials
+from pipeline.models import Segmenter
+from pipeline.runner import instance_tasks as tasks
+from pipeline.runner.plan import Plan
+from pipeline.stitching.instance import offsets, solve
+
+
+def run_instances(plan: Plan, client: Client, segmenter: Segmenter, wait: Any, token: str) -> dict[str, Any]:
+    """All instance stages; returns counts for the summary. ``wait(futures, stage)`` waits."""
+    local = plan.staging / "local"
+    nodata = getattr(plan.source.geometry, "nodata", None)
+    done = zarr_store.CompletionLog(plan.records, "label").done()
+    todo = [s for s in plan.grid if s.chunk_id not in done]
+    seg = client.scatter(segmenter, broadcast=True) if todo else None
+    wait(
+        {
+            client.submit(
+                tasks.label_chunk,
+                plan.staging / "input",
+                local,
+                s,
+                plan.grid.edge_mode,
+                nodata,
+                seg,
+                plan.source.geometry,
+                plan.records,
+                key=f"label-{s.chunk_id}-{token}",
+                retries=plan.spec.retries,
+            ): s.chunk_id
+            for s in todo
+        },
+        "label",
+    )
+    rows = {r["chunk_id"]: r for r in zarr_store.CompletionLog(plan.records, "label").rows()}
+    specs = list(plan.grid)
+    counts = [rows[s.chunk_id]["local_ids"] for s in specs]
+    offs = offsets(counts).reshape(plan.grid.counts)
+    pairs, seam_rows = _seams(plan, client, segmenter, offs, wait, token)
+    relabel = solve(pairs, int(sum(counts)))
+    top = relabel.n_objects if segmenter.merge != "none" else max(r["max_id"] for r in rows.values())
+    dtype = "uint32" if top < 2**32 else "uint64"
+    zarr_store.create_array(
+        plan.staging / "labels",
+        shape=plan.source.spatial_shape,
+        chunks=plan.grid.write_chunks(),
+        dtype=dtype,
+        geometry=plan.source.geometry,
+        attrs={"classes": {str(k): v for k, v in segmenter.classes.items()}, "kind": "instance"},
+    )
+    parts = plan.records / "objects"
+    rel = client.scatter(relabel, broadcast=True)
+    wait(
+        {
+            client.submit(
+                tasks.relabel_chunk,
+                local,
+                plan.staging / "labels",
+                plan.records,
+                s,
+                offs[s.index],
+                rel,
+                segmenter.merge,
+                parts,
+                key=f"relabel-{s.chunk_id}-{token}",
+                retries=plan.spec.retries,
+            ): s.chunk_id
+            for s in specs
+        },
+        "relabel",
+    )
+    table = combine_partials(
+        [pd.read_parquet(p) for p in sorted(parts.glob("*.parquet"))], len(plan.grid.shape)
+    )
+    table.to_parquet(plan.records / "objects.parquet", index=False)
+    pd.DataFrame(seam_rows).to_parquet(plan.records / "seams.parquet", index=False)
+    return {
+        "objects": len(table),
+        "ids_before_merge": int(sum(counts)),
+        "merged_ids": len(relabel.merged),
+        "seams": len(seam_rows),
+        "seam_conflicts": int(sum(r["conflicts"] for r in seam_rows)),
+    }
+
+
+def _seams(
+    plan: Plan, client: Client, segmenter: Segmenter, offs: np.ndarray, wait: Any, token: str
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    if segmenter.merge == "none" or len(plan.grid) == 1:
+        return np.zeros((0, 2), np.uint64), []
+    local = plan.staging / "local"
+    if segmenter.merge == "touch":
+        futures = {
+            client.submit(
+                tasks.touch_seams,
+                local,
+                s,
+                plan.grid,
+                offs,
+                segmenter.connectivity,
+                key=f"seam-{s.chunk_id}-{token}",
+            ): s.chunk_id
+            for s in plan.grid
+        }
+    else:
+        futures = {
+            client.submit(
+                tasks.overlap_seams,
+                local,
+                plan.records,
+                s,
+                plan.grid,
+                offs,
+                segmenter.iou_threshold,
+                key=f"seam-{s.chunk_id}-{token}",
+            ): s.chunk_id
+            for s in plan.grid
+        }
+    wait(futures, "seams")
+    results = client.gather(list(futures))
+    pairs = [p for p, _ in results if len(p)]
+    rows = [r for _, rs in results for r in rs]
+    return (np.unique(np.concatenate(pairs), axis=0) if pairs else np.zeros((0, 2), np.uint64)), rows
+
+
+def object_table_path(plan: Plan) -> Path:
+    """Where the combined per-object statistics (pixel units) are kept."""
+    return plan.records / "objects.parquet"
