@@ -9,9 +9,15 @@ same threshold.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
+
+from pipeline.errors import ConfigError
+from pipeline.models.base import Reducer
 
 MinMax = tuple[Any, Any] | None
 
@@ -50,3 +56,66 @@ def bin_centers(dtype: np.dtype, lo: Any, hi: Any, nbins: int) -> np.ndarray:
 def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Combine two partial histograms."""
     return a + b
+
+
+#: ``values(block, valid, core) -> 1-D values`` of one chunk's core (picklable).
+ValuesFn = Callable[[np.ndarray, np.ndarray, tuple[slice, ...]], np.ndarray]
+
+
+@dataclass(frozen=True)
+class GlobalHistogram:
+    """The whole image's histogram, equal to ``skimage.exposure.histogram`` of all valid values.
+
+    ``lo == hi`` (a constant image) leaves ``counts`` and ``centers`` with one bin.
+    """
+
+    counts: np.ndarray
+    centers: np.ndarray
+    lo: Any
+    hi: Any
+
+    @property
+    def constant(self) -> bool:
+        """True when every valid value is the same."""
+        return bool(self.lo == self.hi)
+
+    @property
+    def integer(self) -> bool:
+        """True for integer data (one bin per integer value)."""
+        return bool(np.issubdtype(np.asarray(self.lo).dtype, np.integer))
+
+
+def fit_histogram(reduce: Reducer, values: ValuesFn, nbins: int, *, what: str) -> GlobalHistogram:
+    """Global histogram of ``values`` over every chunk: one min/max pass, one counting pass.
+
+    Raises :class:`ConfigError` naming ``what`` when the image has no valid value.
+    """
+    rng = reduce(partial(_partial_minmax, values), combine_minmax)
+    if rng is None:
+        raise ConfigError(
+            f"{what}: the image has no valid pixel (all nodata); nothing to fit. "
+            "Check the nodata value and the bands."
+        )
+    lo, hi = rng
+    if lo == hi:
+        return GlobalHistogram(np.ones(1, np.int64), np.asarray([lo]), lo, hi)
+    counts = reduce(partial(_partial_hist, values, lo, hi, nbins), add)
+    return GlobalHistogram(counts, bin_centers(np.asarray(lo).dtype, lo, hi, nbins), lo, hi)
+
+
+def _partial_minmax(
+    values: ValuesFn, block: np.ndarray, valid: np.ndarray, core: tuple[slice, ...]
+) -> MinMax:
+    return minmax(values(block, valid, core))
+
+
+def _partial_hist(
+    values: ValuesFn,
+    lo: Any,
+    hi: Any,
+    nbins: int,
+    block: np.ndarray,
+    valid: np.ndarray,
+    core: tuple[slice, ...],
+) -> np.ndarray:
+    return histogram(values(block, valid, core), lo, hi, nbins)

@@ -7,17 +7,16 @@ tiled output equals the whole-image output exactly.
 from __future__ import annotations
 
 import math
-from functools import partial
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
 from scipy import ndimage
-from skimage.filters import threshold_otsu
+from skimage import morphology
 
 from pipeline.errors import ConfigError
 from pipeline.models.base import ImageInfo, Reducer, Segmenter, SegmenterParams, register
-from pipeline.models.classical import histogram as hist
+from pipeline.models.classical.autothreshold import fit_threshold
 
 TRUNCATE = 4.0
 CT_PRESETS: dict[str, dict[str, tuple[float, float]]] = {
@@ -27,21 +26,39 @@ CT_PRESETS: dict[str, dict[str, tuple[float, float]]] = {
         "soft_tissue": (-200.0, 300.0),
         "bone": (300.0, math.inf),
     },
+    # Five tissues. Air/lung split at -950 HU (the usual "low attenuation area" cut-off:
+    # lung voxels below it are air-like), lung up to -500 HU (parenchyma with its small
+    # vessels), fat and soft tissue as in body-composition CT (the "Alberta protocol":
+    # adipose -190..-30 HU, skeletal muscle and organs -29..150 HU), bone from 150 HU (the
+    # top of the soft-tissue window; at 3 mm cancellous bone is mostly 150-500 HU).
+    # [-500, -190) is left as class 0: partial volumes at lung, bowel-gas and skin borders.
+    "ct_tissues": {
+        "air": (-math.inf, -950.0),
+        "lung": (-950.0, -500.0),
+        "fat": (-190.0, -30.0),
+        "soft_tissue": (-30.0, 150.0),
+        "bone": (150.0, math.inf),
+    },
 }
 
 
-class _BandParams(SegmenterParams):
+class BandParams(SegmenterParams):
     band: int | str = Field(1, description="1-based band index or band name (rasters)")
     smooth_sigma: float = Field(0.0, ge=0, description="Gaussian pre-smoothing sigma in pixels")
+    background_radius: int = Field(
+        0, ge=0, description="white top-hat radius removing slowly varying background (0 = off)"
+    )
 
 
-class ThresholdParams(_BandParams):
+class ThresholdParams(BandParams):
     value: float | None = Field(None, description="foreground where band > value (or < with below)")
     window: tuple[float, float] | None = Field(None, description="foreground where lo <= v < hi")
     windows: dict[str, tuple[float, float]] | None = Field(
         None, description="one class per named window [lo, hi), in order"
     )
-    preset: Literal["ct_air_soft_bone"] | None = Field(None, description="named windows")
+    preset: Literal["ct_air_soft_bone", "ct_tissues"] | None = Field(
+        None, description="HU windows: ct_air_soft_bone, or ct_tissues (air, lung, fat, soft tissue, bone)"
+    )
     foreground: Literal["above", "below"] = "above"
     class_name: str = "foreground"
 
@@ -66,15 +83,15 @@ class ThresholdParams(_BandParams):
         return {}
 
 
-class OtsuParams(_BandParams):
+class OtsuParams(BandParams):
     foreground: Literal["above", "below"] = "above"
     class_name: str = "foreground"
     nbins: int = Field(256, ge=2, description="histogram bins for float data (ints use 1 per value)")
 
 
-class _BandSegmenter(Segmenter):
-    halo_rule: ClassVar[str] = "ceil(4 * smooth_sigma) (0 without smoothing)"
-    params: _BandParams
+class BandSegmenter(Segmenter):
+    halo_rule: ClassVar[str] = "2 * background_radius + ceil(4 * smooth_sigma)"
+    params: BandParams
 
     def __init__(self, params: SegmenterParams, info: ImageInfo) -> None:
         super().__init__(params, info)
@@ -83,19 +100,30 @@ class _BandSegmenter(Segmenter):
     @property
     def halo(self) -> int:
         s = self.params.smooth_sigma
-        return int(TRUNCATE * s + 0.5) if s > 0 else 0
+        return 2 * self.params.background_radius + (int(TRUNCATE * s + 0.5) if s > 0 else 0)
 
     def feature(self, block: np.ndarray) -> np.ndarray:
-        """The selected band, smoothed when asked (float64 then)."""
+        """The selected band, background-corrected and smoothed when asked (float64 then)."""
         band = block[self.band_index]
+        if self.params.background_radius > 0:
+            fp = (
+                morphology.disk(self.params.background_radius)
+                if band.ndim == 2
+                else morphology.ball(self.params.background_radius)
+            )
+            band = morphology.white_tophat(band.astype(np.float64), footprint=fp)
         if self.params.smooth_sigma > 0:
             band = ndimage.gaussian_filter(
                 band.astype(np.float64), self.params.smooth_sigma, truncate=TRUNCATE, mode="reflect"
             )
         return band
 
+    def core_values(self, block: np.ndarray, valid: np.ndarray, core: tuple[slice, ...]) -> np.ndarray:
+        """Valid feature values of the chunk's core (the sample a global fit sees)."""
+        return self.feature(block)[core][valid[core]]
 
-def resolve_band(band: int | str, info: ImageInfo) -> int:
+
+def resolve_band(band: int | str, info: ImageInfo, *, where: str = "segmenter.params.band") -> int:
     """0-based channel index of ``band`` (1-based int or band name); ConfigError if absent."""
     names = info.band_names or tuple(str(i + 1) for i in range(info.n_channels))
     if isinstance(band, str) and band in names:
@@ -105,14 +133,14 @@ def resolve_band(band: int | str, info: ImageInfo) -> int:
         if 1 <= idx <= info.n_channels:
             return idx - 1
     raise ConfigError(
-        f"segmenter.params.band {band!r} is not in this image; it has "
+        f"{where} {band!r} is not in this image; it has "
         f"{info.n_channels} band(s) named {list(names)}. Give a 1-based index or one "
         "of those names."
     )
 
 
 @register
-class Threshold(_BandSegmenter):
+class Threshold(BandSegmenter):
     """Fixed value, window or multi-class windows (e.g. Hounsfield units) on one band."""
 
     name = "threshold"
@@ -144,7 +172,7 @@ def apply_rule(values: np.ndarray, p: ThresholdParams, valid: np.ndarray) -> np.
 
 
 @register
-class Otsu(_BandSegmenter):
+class Otsu(BandSegmenter):
     """Global Otsu threshold: the histogram is fitted over the whole image, applied per chunk."""
 
     name = "otsu"
@@ -158,21 +186,9 @@ class Otsu(_BandSegmenter):
         return {0: "background", 1: self.params.class_name}
 
     def fit(self, reduce: Reducer) -> Otsu:
-        rng = reduce(partial(_partial_minmax, self), hist.combine_minmax)
-        if rng is None:
-            raise ConfigError(
-                "otsu: the image has no valid pixel (all nodata); nothing to fit. "
-                "Check the nodata value and the band."
-            )
-        lo, hi = rng
-        if lo == hi:
-            value = lo
-        else:
-            counts = reduce(partial(_partial_hist, self, lo, hi), hist.add)
-            centers = hist.bin_centers(np.asarray(lo).dtype, lo, hi, self.params.nbins)
-            value = threshold_otsu(hist=(counts.astype(np.float32), centers))
+        value = fit_threshold(reduce, self.core_values, "otsu", nbins=self.params.nbins, what="otsu")
         fitted = Otsu(self.params, self.info)
-        fitted.threshold = float(value)
+        fitted.threshold = value
         return fitted
 
     def fitted_values(self) -> dict[str, Any]:
@@ -187,21 +203,3 @@ class Otsu(_BandSegmenter):
         out[fg] = 1
         out[~valid] = self.nodata_label
         return out
-
-
-def _core_values(
-    seg: _BandSegmenter, block: np.ndarray, valid: np.ndarray, core: tuple[slice, ...]
-) -> np.ndarray:
-    return seg.feature(block)[core][valid[core]]
-
-
-def _partial_minmax(
-    seg: _BandSegmenter, block: np.ndarray, valid: np.ndarray, core: tuple[slice, ...]
-) -> hist.MinMax:
-    return hist.minmax(_core_values(seg, block, valid, core))
-
-
-def _partial_hist(
-    seg: Otsu, lo: Any, hi: Any, block: np.ndarray, valid: np.ndarray, core: tuple[slice, ...]
-) -> np.ndarray:
-    return hist.histogram(_core_values(seg, block, valid, core), lo, hi, seg.params.nbins)
