@@ -63,6 +63,9 @@ class Segmenter:
     Params: ClassVar[type[SegmenterParams]] = SegmenterParams
     nodata_label: ClassVar[int] = NODATA_LABEL
     merge: ClassVar[MergePolicy] = "touch"
+    #: Whether ``__call__`` takes ``cut=``: per axis, (before, after) flags of block edges that cut
+    #: through the image rather than lie on its border (size filters need them to stay exact).
+    uses_cut_edges: ClassVar[bool] = False
 
     def __init__(self, params: SegmenterParams, info: ImageInfo) -> None:
         self.params = params
@@ -105,6 +108,14 @@ class Segmenter:
     def fitted_values(self) -> dict[str, Any]:
         """Fitted statistics for the job summary (empty when nothing is fitted)."""
         return {}
+
+    def run(
+        self, block: np.ndarray, valid: np.ndarray, cut: tuple[tuple[bool, bool], ...] | None
+    ) -> np.ndarray:
+        """Call the segmenter, passing ``cut`` only to those that use it."""
+        if self.uses_cut_edges:
+            return self(block, valid, cut=cut)  # type: ignore[call-arg]
+        return self(block, valid)
 
     def __call__(self, block: np.ndarray, valid: np.ndarray) -> np.ndarray:
         """Labels for ``block`` (``(C, *spatial)`` with halo), same spatial shape.

@@ -30,6 +30,8 @@ class ChunkSpec:
     read: Box
     write: Box
     pad: tuple[tuple[int, int], ...]
+    #: Per axis, whether the read box's (start, stop) edge cuts through the image (is not its border).
+    cut: tuple[tuple[bool, bool], ...] = ()
 
     @property
     def chunk_id(self) -> str:
@@ -140,7 +142,8 @@ class ChunkGrid:
             (r0 - w0, w1 - r1)
             for w0, w1, r0, r1 in zip(wanted.start, wanted.stop, read.start, read.stop, strict=True)
         )
-        return ChunkSpec(tuple(int(i) for i in index), read, write, pad)
+        cut = tuple((a > 0, b < s) for a, b, s in zip(read.start, read.stop, self.shape, strict=True))
+        return ChunkSpec(tuple(int(i) for i in index), read, write, pad, cut)
 
     def write_chunks(self) -> tuple[int, ...]:
         """Chunk shape for the staging store (aligned with the write boxes)."""

@@ -80,8 +80,12 @@ class Components(Segmenter):
     def fitted_values(self) -> dict[str, Any]:
         return self.inner.fitted_values()
 
-    def __call__(self, block: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        return self.inner(block, valid)
+    @property
+    def uses_cut_edges(self) -> bool:  # type: ignore[override]
+        return self.inner.uses_cut_edges
+
+    def __call__(self, block: np.ndarray, valid: np.ndarray, cut: Any = None) -> np.ndarray:
+        return self.inner.run(block, valid, cut)
 
 
 class LabelMapParams(SegmenterParams):
