@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import Field, field_validator, model_validator
+from scipy import ndimage
 from skimage.filters import threshold_local
 
 from pipeline.errors import ConfigError
@@ -230,7 +231,33 @@ class LocalThreshold(BandSegmenter):
     def __call__(self, block: np.ndarray, valid: np.ndarray) -> np.ndarray:
         values = self.feature(block)
         p = self.params
-        local = threshold_local(
-            values, p.block_size, p.method, offset=p.offset, mode="reflect", param=self.sigma
-        )
+        local = local_threshold(values, p.block_size, p.method, offset=p.offset, sigma=self.sigma)
         return binary_labels(values, valid, local, p.foreground)
+
+
+def local_threshold(
+    values: np.ndarray, block_size: int, method: str, *, offset: float, sigma: float
+) -> np.ndarray:
+    """Pure kernel: the local threshold image of ``values`` (reflect mode at the edges).
+
+    ``gaussian`` and ``median`` are ``skimage.filters.threshold_local``. ``mean`` uses
+    :func:`box_mean` instead of skimage's running-sum ``uniform_filter``, whose rounding
+    depends on where each line starts, so it is not the same on a block and on the whole
+    image (tens of pixels flip on ``cell.png`` where a pixel equals its local mean).
+    """
+    if method == "mean":
+        return box_mean(values, block_size) - offset
+    return np.asarray(threshold_local(values, block_size, method, offset=offset, mode="reflect", param=sigma))
+
+
+def box_mean(values: np.ndarray, size: int) -> np.ndarray:
+    """Mean over a ``size``-wide box per pixel, summed afresh at every pixel (reflect mode).
+
+    Each output is a fixed-order sum of its own window divided once, so it does not depend
+    on the array's extent; on integer-valued data the sums are exact.
+    """
+    out = values.astype(np.float64)
+    ones = np.ones(size, dtype=np.float64)
+    for axis in range(out.ndim):
+        out = ndimage.correlate1d(out, ones, axis=axis, mode="reflect")
+    return out / float(size**out.ndim)
