@@ -97,6 +97,11 @@ class Segmenter:
         return [c for c in self.classes if c not in (0, self.nodata_label)]
 
     @property
+    def stuff_segments(self) -> dict[int, int]:
+        """Panoptic only: stuff class -> segment id."""
+        return {}
+
+    @property
     def iou_threshold(self) -> float:
         """Minimum IoU in the halo overlap for two ids to be one object (``overlap`` policy)."""
         return 0.5

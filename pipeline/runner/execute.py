@@ -92,7 +92,7 @@ def create_stores(plan: Plan) -> None:
         dtype=plan.source.dtype,
         geometry=plan.source.geometry,
     )
-    if plan.segmenter.kind == "instance":
+    if plan.segmenter.kind != "semantic":
         local_dtype = "uint64" if plan.segmenter.merge == "none" else "uint32"
         zarr_store.create_array(
             plan.staging / "local",
@@ -101,6 +101,15 @@ def create_stores(plan: Plan) -> None:
             dtype=local_dtype,
             geometry=plan.source.geometry,
         )
+        if plan.segmenter.merge == "touch":
+            zarr_store.create_array(
+                plan.staging / "classes",
+                shape=plan.source.spatial_shape,
+                chunks=chunks,
+                dtype="uint8",
+                geometry=plan.source.geometry,
+                fill_value=plan.segmenter.nodata_label,
+            )
         return
     zarr_store.create_array(
         plan.staging / "labels",
@@ -121,7 +130,7 @@ def execute(plan: Plan, client: Client, *, restart: bool = False) -> RunResult:
     _timed(result, "ingest", lambda: ingest(plan, client))
     fitted = _timed(result, "fit", lambda: plan.segmenter.fit(make_reducer(plan, client)))
     result.segmenter = fitted
-    if fitted.kind == "instance":
+    if fitted.kind != "semantic":
         result.instances = _timed(
             result,
             "segment",

@@ -63,16 +63,46 @@ def finalize(plan: Plan, segmenter: Segmenter) -> dict[str, str]:
                 nodata_label=segmenter.nodata_label,
             )
         )
-    if segmenter.kind == "instance":
+    if segmenter.kind != "semantic":
         outputs.update(_instance_outputs(plan, labels))
-    stage = "label" if segmenter.kind == "instance" else "segment"
+    if segmenter.kind == "panoptic":
+        outputs["segments"] = str(_panoptic_segments(plan, segmenter))
+    stage = "segment" if segmenter.kind == "semantic" else "label"
     rows = zarr_store.CompletionLog(plan.records, stage).rows()
     outputs["tiles"] = str(write_tile_table(plan.out / "tiles.parquet", rows))
     outputs["job"] = str(_atomic_text(plan.out / "job.resolved.yaml", dump_job(plan.spec)))
     return outputs
 
 
+def _panoptic_segments(plan: Plan, segmenter: Segmenter) -> Path:
+    """COCO-panoptic-style segments: id, category, area (pixels), bbox [x, y, w, h] in pixels."""
+    table = pd.read_parquet(plan.out / "objects.parquet")
+    things = set(segmenter.instance_classes)
+    ndim = len(plan.source.spatial_shape)
+    segments = []
+    for row in table.itertuples(index=False):
+        lo = [int(getattr(row, f"min{k}")) for k in range(ndim)][::-1]
+        hi = [int(getattr(row, f"max{k}")) for k in range(ndim)][::-1]
+        segments.append(
+            {
+                "id": int(row.id),
+                "category_id": int(row[table.columns.get_loc("class")]),
+                "area": int(row.count),
+                "bbox": lo + [h - a + 1 for a, h in zip(lo, hi, strict=True)],
+                "iscrowd": 0,
+            }
+        )
+    categories = [
+        {"id": c, "name": n, "isthing": int(c in things)}
+        for c, n in segmenter.classes.items()
+        if c != segmenter.nodata_label
+    ]
+    text = json.dumps({"categories": categories, "segments": segments}, indent=1)
+    return _atomic_text(plan.out / "segments.json", text)
+
+
 def _instance_outputs(plan: Plan, labels: Path) -> dict[str, str]:
+
     pixel_table = pd.read_parquet(plan.records / "objects.parquet")
     table = tables.world_objects(pixel_table, plan.source.geometry, plan.source.spatial_shape)
     out = {"objects": str(tables.write_parquet(plan.out / "objects.parquet", table))}

@@ -37,16 +37,17 @@ def label_chunk(
     padded = edge_mode != "clip"
     if segmenter.merge == "touch":
         core_classes = crop_to_core(out, spec, padded=padded)
+        zarr_store.write_box(local.parent / "classes", spec.write, core_classes)
         ids, owners = label_classes(core_classes, segmenter.instance_classes, segmenter.connectivity)
-        n, top = len(owners), len(owners)
+        n = top = len(owners)
     elif segmenter.merge == "overlap":
-        ids, n, owners = _core_first(out, spec.core(padded=padded), records, spec.chunk_id)
+        ids, n = _core_first(out, spec.core(padded=padded), records, spec.chunk_id)
         top = n
     else:
         ids = crop_to_core(out, spec, padded=padded)
-        owners, n, top = np.zeros(0, np.uint8), 0, int(ids.max(initial=0))
+        n, top = 0, int(ids.max(initial=0))
     zarr_store.write_box(local, spec.write, ids)
-    np.save(_path(records, "classes", spec.chunk_id), owners)
+
     row = {
         "chunk_id": spec.chunk_id,
         "start": list(spec.write.start),
@@ -66,7 +67,7 @@ def label_chunk(
 
 def _core_first(
     labels: np.ndarray, core: tuple[slice, ...], records: Path, chunk_id: str
-) -> tuple[np.ndarray, int, np.ndarray]:
+) -> tuple[np.ndarray, int]:
     """Renumber so ids present in the core are 1..n; ids only in the halo become 0.
 
     The whole read block (core ids only) is saved for matching in the halo overlap.
@@ -83,7 +84,7 @@ def _core_first(
     )
     renum = np.where(hit, pos + 1, 0).astype(np.uint32).reshape(labels.shape)
     np.save(_path(records, "halo", chunk_id), renum)
-    return renum[core], len(lut_keys), np.ones(len(lut_keys), np.uint8)
+    return renum[core], len(lut_keys)
 
 
 def _path(records: Path, kind: str, chunk_id: str) -> Path:
@@ -187,14 +188,34 @@ def relabel_chunk(
     relabel: Relabel,
     merge: str,
     parts_dir: Path,
+    stuff: dict[int, int] | None = None,
 ) -> int:
-    """Write final ids of one chunk and its object partials; return its object count."""
+    """Write final ids of one chunk and its object partials; return its object count.
+
+    With ``stuff`` (panoptic: stuff class -> segment id 1..n_stuff), thing ids follow the
+    stuff ids and every stuff pixel gets its class's segment id.
+    """
     ids = zarr_store.read_box(local, spec.write)
-    owners = np.load(_path(records, "classes", spec.chunk_id))
     final = relabel.apply(_shift(ids, offset)) if merge != "none" else ids.astype(np.uint64)
+    classes = None
+    if merge == "touch":
+        classes = zarr_store.read_box(local.parent / "classes", spec.write)
+    elif merge == "overlap":
+        classes = (ids != 0).astype(np.uint8)
+    if stuff is not None and classes is not None:
+        final = _panoptic(final, classes, stuff)
     zarr_store.write_box(labels, spec.write, final)
-    classes = owners[ids.astype(np.int64) - 1] * (ids != 0) if len(owners) else None
+    classes = None if classes is None else np.where(final != 0, classes, 0)
+
     frame = object_partials(final, spec.write.start, classes)
     parts_dir.mkdir(parents=True, exist_ok=True)
     frame.to_parquet(parts_dir / f"{spec.chunk_id}.parquet", index=False)
     return len(frame)
+
+
+def _panoptic(things: np.ndarray, classes: np.ndarray, stuff: dict[int, int]) -> np.ndarray:
+    """Thing ids shifted past the stuff ids; stuff pixels get their class's segment id."""
+    out = np.where(things != 0, things + np.uint64(len(stuff)), np.uint64(0))
+    for cls, segment in stuff.items():
+        out[classes == cls] = segment
+    return out

@@ -49,7 +49,10 @@ def run_instances(plan: Plan, client: Client, segmenter: Segmenter, wait: Any, t
     offs = offsets(counts).reshape(plan.grid.counts)
     pairs, seam_rows = _seams(plan, client, segmenter, offs, wait, token)
     relabel = solve(pairs, int(sum(counts)))
+    stuff = segmenter.stuff_segments if segmenter.kind == "panoptic" else None
     top = relabel.n_objects if segmenter.merge != "none" else max(r["max_id"] for r in rows.values())
+    top += len(stuff or {})
+
     dtype = "uint32" if top < 2**32 else "uint64"
     zarr_store.create_array(
         plan.staging / "labels",
@@ -73,6 +76,7 @@ def run_instances(plan: Plan, client: Client, segmenter: Segmenter, wait: Any, t
                 rel,
                 segmenter.merge,
                 parts,
+                stuff,
                 key=f"relabel-{s.chunk_id}-{token}",
                 retries=plan.spec.retries,
             ): s.chunk_id

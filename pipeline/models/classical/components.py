@@ -119,3 +119,44 @@ class LabelMap(Segmenter):
         if ids.dtype.kind == "i" and (ids < 0).any():
             raise ConfigError("label_map: negative ids found; ids must be >= 0 (0 = background)")
         return np.where(valid, ids, 0).astype(np.uint64)
+
+
+class PanopticParams(SegmenterParams):
+    semantic: InnerSpec = Field(description="semantic segmenter giving every pixel a class")
+    things: list[int] = Field(min_length=1, description="countable classes; all others are stuff")
+    connectivity: int = Field(1, ge=1, le=3)
+
+
+@register
+class Panoptic(Components):
+    """Stuff classes as one segment each, thing classes as connected instances; one category per id."""
+
+    name = "panoptic"
+    kind = "panoptic"  # type: ignore[assignment]
+    summary = "panoptic: stuff classes stitched as semantic, thing classes as merged instances"
+    Params = PanopticParams  # type: ignore[assignment]
+    params: PanopticParams  # type: ignore[assignment]
+
+    def __init__(self, params: SegmenterParams, info: ImageInfo, inner: Segmenter | None = None) -> None:
+        Segmenter.__init__(self, params, info)
+        self.inner = inner or create_segmenter(self.params.semantic.name, self.params.semantic.params, info)
+        missing = set(self.params.things) - set(self.inner.classes)
+        if missing or self.params.connectivity > info.spatial_ndim:
+            raise ConfigError(
+                f"segmenter.params.things {sorted(missing)} are not classes of "
+                f"{self.inner.name!r} ({self.inner.classes}), or connectivity > "
+                f"{info.spatial_ndim}"
+            )
+
+    @property
+    def instance_classes(self) -> list[int]:
+        return list(self.params.things)
+
+    @property
+    def stuff_segments(self) -> dict[int, int]:
+        """Stuff class -> its segment id (1..n_stuff); thing ids come after."""
+        stuff = [c for c in self.classes if c not in self.params.things and c != self.nodata_label]
+        return {c: i + 1 for i, c in enumerate(stuff)}
+
+    def fit(self, reduce: Reducer) -> Panoptic:
+        return Panoptic(self.params, self.info, self.inner.fit(reduce))
