@@ -15,8 +15,10 @@ from typing import Any, ClassVar, Literal, TypeVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from pipeline.data.geometry import Geometry
 from pipeline.errors import ConfigError
 from pipeline.registry import Registry
+from pipeline.tiling import BlockContext
 
 Kind = Literal["semantic", "instance", "panoptic"]
 #: How instance ids meet across seams: ``touch`` (the engine labels connected components of
@@ -41,6 +43,9 @@ class ImageInfo:
     n_channels: int
     dtype: str
     band_names: tuple[str, ...] = ()
+    #: Spatial shape and geometry, for segmenters that take prompts in world coordinates.
+    shape: tuple[int, ...] = ()
+    geometry: Geometry | None = None
 
     @property
     def spatial_ndim(self) -> int:
@@ -63,9 +68,9 @@ class Segmenter:
     Params: ClassVar[type[SegmenterParams]] = SegmenterParams
     nodata_label: ClassVar[int] = NODATA_LABEL
     merge: ClassVar[MergePolicy] = "touch"
-    #: Whether ``__call__`` takes ``cut=``: per axis, (before, after) flags of block edges that cut
-    #: through the image rather than lie on its border (size filters need them to stay exact).
-    uses_cut_edges: ClassVar[bool] = False
+    #: Whether ``__call__`` takes ``ctx=``: where the block lies in the image (origin, cut edges),
+    #: for segmenters whose rule depends on it (size filters, prompts in world coordinates).
+    uses_context: ClassVar[bool] = False
 
     def __init__(self, params: SegmenterParams, info: ImageInfo) -> None:
         self.params = params
@@ -114,12 +119,10 @@ class Segmenter:
         """Fitted statistics for the job summary (empty when nothing is fitted)."""
         return {}
 
-    def run(
-        self, block: np.ndarray, valid: np.ndarray, cut: tuple[tuple[bool, bool], ...] | None
-    ) -> np.ndarray:
-        """Call the segmenter, passing ``cut`` only to those that use it."""
-        if self.uses_cut_edges:
-            return self(block, valid, cut=cut)  # type: ignore[call-arg]
+    def run(self, block: np.ndarray, valid: np.ndarray, ctx: BlockContext | None) -> np.ndarray:
+        """Call the segmenter, passing ``ctx`` only to those that use it."""
+        if self.uses_context:
+            return self(block, valid, ctx=ctx)  # type: ignore[call-arg]
         return self(block, valid)
 
     def __call__(self, block: np.ndarray, valid: np.ndarray) -> np.ndarray:

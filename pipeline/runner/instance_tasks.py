@@ -33,7 +33,7 @@ def label_chunk(
     t0 = time.perf_counter()
     block = read_block(staged, spec, edge_mode)
     valid = valid_mask(block, nodata)
-    out = segmenter.run(block, valid, spec.cut)
+    out = segmenter.run(block, valid, spec.context(padded=edge_mode != "clip"))
     padded = edge_mode != "clip"
     if segmenter.merge == "touch":
         core_classes = crop_to_core(out, spec, padded=padded)

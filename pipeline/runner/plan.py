@@ -58,7 +58,10 @@ def make_plan(spec: JobSpec) -> Plan:
         source.shape[0],
         source.dtype,
         tuple(getattr(source.geometry, "band_names", ())),
+        source.spatial_shape,
+        source.geometry,
     )
+
     segmenter = create_segmenter(spec.segmenter.name, spec.segmenter.params, info)
     _check_formats(spec, kind)
     halo = _halo(spec, segmenter)

@@ -85,7 +85,7 @@ def segment_chunk(
     """Segment one chunk, write its write box, record completion; return its metrics row."""
     t0 = time.perf_counter()
     block = read_block(staged, spec, edge_mode)
-    labels = segmenter.run(block, valid_mask(block, nodata), spec.cut)
+    labels = segmenter.run(block, valid_mask(block, nodata), spec.context(padded=edge_mode != "clip"))
     if labels.shape != block.shape[1:]:
         raise PipelineError(
             f"chunk {spec.chunk_id}: segmenter {segmenter.name!r} returned shape "

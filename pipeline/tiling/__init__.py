@@ -3,6 +3,6 @@
 from __future__ import annotations
 
 from pipeline.tiling.box import Box
-from pipeline.tiling.grid import EDGE_MODES, ChunkGrid, ChunkSpec, EdgeMode
+from pipeline.tiling.grid import EDGE_MODES, BlockContext, ChunkGrid, ChunkSpec, EdgeMode
 
-__all__ = ["EDGE_MODES", "Box", "ChunkGrid", "ChunkSpec", "EdgeMode"]
+__all__ = ["EDGE_MODES", "BlockContext", "Box", "ChunkGrid", "ChunkSpec", "EdgeMode"]

@@ -17,6 +17,19 @@ EDGE_MODES: tuple[str, ...] = get_args(EdgeMode)
 
 
 @dataclass(frozen=True)
+class BlockContext:
+    """Where a block lies in its image: what context-aware segmenters may know.
+
+    ``origin`` is the image index of the block's first element (negative where edge padding
+    extends past the image); ``cut[axis] = (before, after)`` says which block edges cut through
+    the image rather than lie on its border.
+    """
+
+    origin: tuple[int, ...]
+    cut: tuple[tuple[bool, bool], ...]
+
+
+@dataclass(frozen=True)
 class ChunkSpec:
     """One chunk: where it reads (with halo), where it writes, and how to pad at image edges.
 
@@ -44,6 +57,11 @@ class ChunkSpec:
         if not padded:
             return rel.slices()
         return tuple(slice(a + p[0], b + p[0]) for a, b, p in zip(rel.start, rel.stop, self.pad, strict=True))
+
+    def context(self, *, padded: bool) -> BlockContext:
+        """The :class:`BlockContext` of this chunk's block."""
+        origin = tuple(r - (p[0] if padded else 0) for r, p in zip(self.read.start, self.pad, strict=True))
+        return BlockContext(origin, self.cut)
 
     def pad_block(self, block: np.ndarray, mode: str) -> np.ndarray:
         """Pad the trailing (spatial) axes of ``block`` out to the full halo with ``mode``."""

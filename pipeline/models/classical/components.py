@@ -81,11 +81,11 @@ class Components(Segmenter):
         return self.inner.fitted_values()
 
     @property
-    def uses_cut_edges(self) -> bool:  # type: ignore[override]
-        return self.inner.uses_cut_edges
+    def uses_context(self) -> bool:  # type: ignore[override]
+        return self.inner.uses_context
 
-    def __call__(self, block: np.ndarray, valid: np.ndarray, cut: Any = None) -> np.ndarray:
-        return self.inner.run(block, valid, cut)
+    def __call__(self, block: np.ndarray, valid: np.ndarray, ctx: Any = None) -> np.ndarray:
+        return self.inner.run(block, valid, ctx)
 
 
 class LabelMapParams(SegmenterParams):

@@ -34,6 +34,7 @@ from pipeline.models.base import (
     register,
 )
 from pipeline.models.classical.components import InnerSpec
+from pipeline.tiling import BlockContext
 
 
 class Opening(SegmenterParams):
@@ -139,10 +140,10 @@ class Pipeline(Segmenter):
     def fitted_values(self) -> dict[str, Any]:
         return self.first.fitted_values()
 
-    uses_cut_edges: ClassVar[bool] = True
+    uses_context: ClassVar[bool] = True
 
-    def __call__(self, block: np.ndarray, valid: np.ndarray, cut: Cut | None = None) -> np.ndarray:
-        classes = self.first(block, valid)
+    def __call__(self, block: np.ndarray, valid: np.ndarray, ctx: BlockContext | None = None) -> np.ndarray:
+        classes = self.first.run(block, valid, ctx)
         for step in self.params.steps:
-            classes = apply_step(classes, step, cut)
+            classes = apply_step(classes, step, ctx.cut if ctx else None)
         return classes

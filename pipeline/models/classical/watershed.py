@@ -83,10 +83,10 @@ class Watershed(Segmenter):
     def fitted_values(self) -> dict[str, Any]:
         return self.mask_segmenter.fitted_values()
 
-    uses_cut_edges: ClassVar[bool] = True
+    uses_context: ClassVar[bool] = True
 
-    def __call__(self, block: np.ndarray, valid: np.ndarray, cut: Any = None) -> np.ndarray:
-        mask = np.isin(self.mask_segmenter.run(block, valid, cut), self.params.mask_classes)
+    def __call__(self, block: np.ndarray, valid: np.ndarray, ctx: Any = None) -> np.ndarray:
+        mask = np.isin(self.mask_segmenter.run(block, valid, ctx), self.params.mask_classes)
 
         return watershed_instances(mask, block[self.band_index], self.params)
 
