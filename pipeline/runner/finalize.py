@@ -106,10 +106,14 @@ def _instance_outputs(plan: Plan, labels: Path) -> dict[str, str]:
     pixel_table = pd.read_parquet(plan.records / "objects.parquet")
     table = tables.world_objects(pixel_table, plan.source.geometry, plan.source.spatial_shape)
     out = {"objects": str(tables.write_parquet(plan.out / "objects.parquet", table))}
+    seams = pd.read_parquet(plan.records / "seams.parquet")
+    out["seams"] = str(tables.write_parquet(plan.out / "seams.parquet", seams))
     formats = plan.spec.output.formats
     if isinstance(plan.source.geometry, GeoRef) and ({"gpkg", "geoparquet"} & set(formats)):
         polys = vector.polygons_from_chunks(
-            labels, list(plan.grid), plan.source.geometry, table[["id", "class"]]
+            labels, list(plan.grid), plan.source.geometry, table[["id", "class"]],
+            simplify=plan.spec.output.simplify,
+
         )
         for fmt, name in (("gpkg", "objects.gpkg"), ("geoparquet", "objects_polygons.parquet")):
             if fmt in formats:

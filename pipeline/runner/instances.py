@@ -88,7 +88,9 @@ def run_instances(plan: Plan, client: Client, segmenter: Segmenter, wait: Any, t
         [pd.read_parquet(p) for p in sorted(parts.glob("*.parquet"))], len(plan.grid.shape)
     )
     table.to_parquet(plan.records / "objects.parquet", index=False)
-    pd.DataFrame(seam_rows).to_parquet(plan.records / "seams.parquet", index=False)
+    seams = pd.DataFrame(seam_rows, columns=["chunk_id", "seam", "merged_pairs", "conflicts"])
+    seams.to_parquet(plan.records / "seams.parquet", index=False)
+
     return {
         "objects": len(table),
         "ids_before_merge": int(sum(counts)),

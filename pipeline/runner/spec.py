@@ -40,6 +40,8 @@ class TilingSpec(_Strict):
 
 class OutputSpec(_Strict):
     dir: str | None = None
+    simplify: float = Field(0.0, ge=0, description="polygon simplification tolerance in map units")
+
     formats: list[OutputFormat] = Field(default_factory=lambda: ["zarr", "png"])  # type: ignore[arg-type]
 
 

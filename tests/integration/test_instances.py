@@ -169,6 +169,37 @@ def test_spacenet_buildings_round_trip_to_43_polygons(client, data, tmp_path) ->
     assert polys.geometry.area.sum() == pytest.approx((truth > 0).sum() * pixel_area, rel=1e-3)
     # one object per building: the stitched ids map one-to-one onto the 43 ground-truth ids
     assert_same_partition(labels_of(result), truth)
+    # the object table's world bounding boxes are the polygons' bounds; areas in m² (UTM)
+    table = pd.read_parquet(result.outputs["objects"]).set_index("id")
+    bounds = polys.set_index("id").geometry.bounds
+    for col in ("xmin", "ymin", "xmax", "ymax"):
+        assert np.allclose(
+            table[f"bbox_{col}"],
+            bounds.loc[table.index, {"xmin": "minx", "ymin": "miny", "xmax": "maxx", "ymax": "maxy"}[col]],
+        )
+    assert np.allclose(table["area_m2"], polys.set_index("id").geometry.area.loc[table.index])
+    seams = pd.read_parquet(result.outputs["seams"])
+    assert seams["merged_pairs"].sum() >= result.instances["merged_ids"] > 0
+
+
+def test_polygon_simplification_in_map_units(client, data, tmp_path) -> None:
+    path = data / "geo" / "spacenet_atlanta_buildings_instances.tif"
+    out = {}
+    for tol in (0.0, 1.0):
+        result = run(
+            client,
+            path,
+            tmp_path / f"s{tol}",
+            "components",
+            {**FG, "connectivity": 2},
+            chunk=[300, 300],
+            formats=["zarr", "geoparquet"],
+            output={"dir": str(tmp_path / f"s{tol}"), "formats": ["zarr", "geoparquet"], "simplify": tol},
+        )
+        out[tol] = gpd.read_parquet(result.outputs["geoparquet"])
+    vertices = {t: shapely.get_num_coordinates(f.geometry.values).sum() for t, f in out.items()}
+    assert len(out[1.0]) == len(out[0.0]) == 43 and vertices[1.0] < 0.7 * vertices[0.0]
+    assert out[1.0].geometry.is_valid.all()
 
 
 def test_object_table_volumes_equal_simpleitk(client, data, tmp_path) -> None:
