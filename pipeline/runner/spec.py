@@ -59,7 +59,7 @@ class JobSpec(_Strict):
     input: InputSpec
     segmenter: SegmenterSpec
     tiling: TilingSpec = Field(default_factory=TilingSpec)  # type: ignore[arg-type]
-    output: OutputSpec = Field(default_factory=OutputSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)  # type: ignore[arg-type]
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)  # type: ignore[arg-type]
     retries: int = Field(2, ge=0)
 
