@@ -88,7 +88,7 @@ def _resolve_role(role: str, given: Mapping[Any, int | str], info: ImageInfo) ->
 
 class IndexParams(SegmenterParams):
     index: IndexName = Field(description="ndvi (nir, red), ndwi (green, nir) or mndwi (green, swir)")
-    bands: BandRoles = Field(default_factory=dict, description="band roles, e.g. {green: B3, nir: B8}")
+    bands: BandRoles = Field({}, description="band roles, e.g. {green: B3, nir: B8}")
     threshold: Threshold = Field("otsu", description="a number, or otsu / yen / triangle / li (global fit)")
     foreground: Foreground = Field("above", description="foreground: index > threshold (above) or <=")
     class_name: str | None = Field(None, description="default: vegetation for ndvi, water otherwise")
@@ -166,7 +166,7 @@ def landcover_rules(
 
 
 class LandcoverParams(SegmenterParams):
-    bands: BandRoles = Field(default_factory=dict, description="roles green, red, nir, e.g. {red: 1, nir: 4}")
+    bands: BandRoles = Field({}, description="roles green, red, nir, e.g. {red: 1, nir: 4}")
     water_ndwi: Threshold = Field(0.0, description="water where NDWI > this (a number or a global fit)")
     vegetation_ndvi: Threshold = Field(0.2, description="vegetation where NDVI > this (number or fit)")
     water_max_nir: float | None = Field(None, description="water also needs NIR <= this (data units)")
