@@ -46,6 +46,7 @@ MIB = 2**20
 BYTES_PER_PX = 2  # int16
 SAMPLE_EVERY_S = 0.1
 SERIES_POINTS = 400
+FOREIGN_WARN_PCT = 10
 
 
 # --------------------------------------------------------------------------- input data
@@ -114,6 +115,7 @@ class ProcStat:
     last_s: float = 0.0
     peak_rss: int = 0
     hwm: int = 0
+    cpu_s: float = 0.0
     series: list[tuple[float, int]] = field(default_factory=list)
 
 
@@ -125,6 +127,9 @@ class TreeSampler:
         self.every_s = every_s
         self.t0 = time.time()
         self.stats: dict[int, ProcStat] = {}
+        self.busy0 = _busy_cpu_s()
+        self.busy_s = 0.0
+        self.duration_s = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -135,6 +140,8 @@ class TreeSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self.busy_s = _busy_cpu_s() - self.busy0
+        self.duration_s = time.time() - self.t0
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -160,8 +167,16 @@ class TreeSampler:
         rss = proc.memory_info().rss
         stat.peak_rss = max(stat.peak_rss, rss)
         stat.hwm = max(stat.hwm, _vm_hwm(proc.pid))
+        cpu = proc.cpu_times()
+        stat.cpu_s = max(stat.cpu_s, cpu.user + cpu.system)
         stat.last_s = now
         stat.series.append((now, rss))
+
+
+def _busy_cpu_s() -> float:
+    """CPU seconds spent busy by the whole machine (all cores) since boot."""
+    t = psutil.cpu_times()
+    return float(sum(t)) - t.idle - getattr(t, "iowait", 0.0)
 
 
 def _vm_hwm(pid: int) -> int:
@@ -208,7 +223,7 @@ def label_processes(stats: dict[int, ProcStat], roles: dict[str, Any]) -> dict[i
 
 
 def memory_report(sampler: TreeSampler, roles: dict[str, Any], t_job: float) -> dict[str, Any]:
-    """Per-role peak RSS (sampled and kernel VmHWM) and RSS time series aligned to job start."""
+    """Per-role peak RSS (sampled, kernel VmHWM), CPU seconds, RSS series from job start."""
     labels = label_processes(sampler.stats, roles)
     report: dict[str, Any] = {}
     for pid, stat in sorted(sampler.stats.items()):
@@ -216,6 +231,7 @@ def memory_report(sampler: TreeSampler, roles: dict[str, Any], t_job: float) -> 
             "pid": pid,
             "peak_rss_mib": round(stat.peak_rss / MIB, 1),
             "vm_hwm_mib": round(stat.hwm / MIB, 1),
+            "cpu_s": round(stat.cpu_s, 2),
             "cmdline": stat.cmdline,
             "rss_series_s_mib": downsample(stat.series, t_job, SERIES_POINTS),
         }
@@ -259,6 +275,11 @@ def run_child(kind: str, tif: Path, out: Path, settings: Settings, log: Path) ->
         raise RuntimeError(f"{kind} on {tif.name} failed (exit {rc}); log {log}:\n{tail}")
     record = json.loads(result.read_text())
     record["memory"] = memory_report(sampler, record.pop("roles"), record["job_started_at"])
+    tree_cpu = sum(s.cpu_s for s in sampler.stats.values())
+    record["cpu_s_tree"] = round(tree_cpu, 2)
+    record["cpu_s_foreign"] = round(max(0.0, sampler.busy_s - tree_cpu), 2)
+    capacity = sampler.duration_s * (os.cpu_count() or 1)
+    record["foreign_load_pct"] = round(100 * record["cpu_s_foreign"] / capacity, 1)
     return record
 
 
@@ -334,10 +355,10 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
             rec["vs_zarr_copy"] = rec["mpx_per_s"] / zc["mpx_per_s"]
 
 
-def peak(record: dict[str, Any], role: str) -> float | None:
-    """Sampled peak RSS (MiB) of ``role`` in a record."""
+def peak(record: dict[str, Any], role: str, key: str = "peak_rss_mib") -> float | None:
+    """Sampled peak RSS (MiB), or another ``key``, of process ``role`` in a record."""
     entry = record["memory"].get(role)
-    return None if entry is None else entry["peak_rss_mib"]
+    return None if entry is None else entry[key]
 
 
 def worker_peaks(record: dict[str, Any]) -> list[float]:
@@ -345,8 +366,9 @@ def worker_peaks(record: dict[str, Any]) -> list[float]:
     return [v["peak_rss_mib"] for k, v in record["memory"].items() if k.startswith("worker")]
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+def _fmt(value: float | None, width: int, spec: str) -> str:
+    """``value`` formatted with ``spec`` right-aligned in ``width``, or ``-`` when missing."""
+    return ("-" if value is None else format(value, spec)).rjust(width)
 
 
 def main_table(records: list[dict[str, Any]]) -> str:
@@ -361,10 +383,28 @@ def main_table(records: list[dict[str, Any]]) -> str:
         mark = "*" if ratio_sk is not None and r["vs_skimage_at_gib"] != r["size_gib_requested"] else " "
         lines.append(
             f"{r['kind']:<10} {r['input_gib']:>8.2f} {r['mpx']:>7.0f} {r['wall_s']:>7.1f} "
-            f"{r['mpx_per_s']:>7.1f} {_fmt(ratio_sk, '>7.3f')}{mark} "
-            f"{_fmt(r.get('vs_zarr_copy'), '>8.3f')} {_fmt(peak(r, 'client'), '>10.0f')} "
-            f"{_fmt(peak(r, 'scheduler+nannies'), '>9.0f')} {_fmt(peak(r, 'worker-1'), '>9.0f')} "
-            f"{_fmt(peak(r, 'worker-2'), '>9.0f')}"
+            f"{r['mpx_per_s']:>7.1f} {_fmt(ratio_sk, 7, '.3f')}{mark}"
+            f"{_fmt(r.get('vs_zarr_copy'), 8, '.3f')} {_fmt(peak(r, 'client'), 10, '.0f')} "
+            f"{_fmt(peak(r, 'scheduler+nannies'), 9, '.0f')} {_fmt(peak(r, 'worker-1'), 9, '.0f')} "
+            f"{_fmt(peak(r, 'worker-2'), 9, '.0f')}"
+        )
+    return "\n".join(lines)
+
+
+def cpu_table(records: list[dict[str, Any]]) -> str:
+    """CPU seconds per process role over each measurement subprocess's life."""
+    roles = ("client", "scheduler+nannies", "worker-1", "worker-2")
+    head = (
+        f"{'cpu s':<10} {'size GiB':>8} {'client':>7} {'sched':>7} {'worker-1':>8} "
+        f"{'worker-2':>8} {'foreign':>8} {'foreign %':>9}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in records:
+        c, sc, w1, w2 = (peak(r, role, "cpu_s") for role in roles)
+        lines.append(
+            f"{r['kind']:<10} {r['input_gib']:>8.2f} {_fmt(c, 7, '.1f')} {_fmt(sc, 7, '.1f')} "
+            f"{_fmt(w1, 8, '.1f')} {_fmt(w2, 8, '.1f')} {r['cpu_s_foreign']:>8.1f} "
+            f"{r['foreign_load_pct']:>9.1f}"
         )
     return "\n".join(lines)
 
@@ -382,7 +422,7 @@ def stage_table(records: list[dict[str, Any]]) -> str:
         lines.append(
             f"{r['size_gib_requested']:<6g}GiB {r['n_chunks']:>7} {t['ingest']:>9.1f} {t['fit']:>7.1f} "
             f"{t['segment']:>9.1f} {t['finalize']:>10.1f} {r['threshold']:>9g} "
-            f"{_fmt(sk['threshold'] if sk else None, '>9g')}"
+            f"{_fmt(sk['threshold'] if sk else None, 9, 'g')}"
         )
     return "\n".join(lines)
 
@@ -397,10 +437,7 @@ def flatness(records: list[dict[str, Any]]) -> str:
         parts = [f"{r['input_gib']:.2f} GiB -> {max(worker_peaks(r)):.0f} MiB" for r in runs]
         ratio = max(worker_peaks(runs[-1])) / max(worker_peaks(runs[0]))
         growth = runs[-1]["input_gib"] / runs[0]["input_gib"]
-        lines.append(
-            f"{kind} worker peak RSS: {', '.join(parts)} "
-            f"(x{ratio:.2f} for x{growth:.1f} input)"
-        )
+        lines.append(f"{kind} worker peak RSS: {', '.join(parts)} (x{ratio:.2f} for x{growth:.1f} input)")
     return "\n".join(lines)
 
 
@@ -415,8 +452,17 @@ def render(records: list[dict[str, Any]], settings: Settings) -> str:
         "MiB columns: peak RSS sampled every "
         f"{SAMPLE_EVERY_S}s per process; 'sched' is the LocalCluster host process "
         "(scheduler + nannies); skimage runs in one process (client column).",
+        "cpu s: CPU seconds per process over the measurement subprocess's life (cluster start "
+        "included); foreign = CPU used meanwhile by processes outside the benchmark (% of all cores).",
     ]
-    return "\n\n".join([main_table(records), stage_table(records), flatness(records), "\n".join(notes)])
+    tables = [main_table(records), stage_table(records), cpu_table(records), flatness(records)]
+    busy = [f"{r['kind']}@{r['input_gib']:.2f}" for r in records if r["foreign_load_pct"] > FOREIGN_WARN_PCT]
+    if busy:
+        notes.append(
+            f"WARNING: other processes used more than {FOREIGN_WARN_PCT}% of the machine's CPU "
+            f"during {', '.join(busy)}; those timings are inflated."
+        )
+    return "\n\n".join([t for t in tables if t] + ["\n".join(notes)])
 
 
 def write_json(records: list[dict[str, Any]], settings: Settings, text: str) -> Path:
@@ -473,7 +519,7 @@ def serve_cluster(settings: dict[str, Any]) -> None:
         dashboard=False,
     ) as client:
         client.wait_for_workers(settings["n_workers"])
-        print(client.scheduler.address, flush=True)
+        print(client.scheduler_info()["address"], flush=True)
         sys.stdin.read()
 
 
@@ -571,7 +617,7 @@ def child_zarr_copy(tif: Path, out: Path, settings: dict[str, Any]) -> dict[str,
         lazy = da.from_array(
             reader, chunks=(1, chunk, chunk), lock=False, meta=np.empty((0, 0, 0), source.dtype)
         )
-        da.store(lazy, zarr.open_array(store=str(out), mode="r+"), lock=False, compute=True)
+        da.store(lazy, zarr.open_array(store=str(out), mode="r+"), lock=False, compute=True)  # type: ignore[arg-type]
         wall = time.perf_counter() - t0
     return {
         "wall_s": wall,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -10,14 +11,35 @@ from typing import Any
 import numpy as np
 import rasterio
 import rasterio.shutil
-from rasterio.errors import RasterioError
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
 from pipeline.data.geometry import GeoRef, check_same_geometry
 from pipeline.errors import InvalidImageError, ReadError, WriteError
 from pipeline.tiling import Box
 
-RASTER_SUFFIXES = (".tif", ".tiff", ".gtiff", ".geotiff", ".cog", ".vrt", ".img", ".jp2")
+# Rasters without georeference are refused unless a job allows them; once allowed, GDAL's
+# warning about the missing geotransform says nothing new.
+warnings.filterwarnings("ignore", category=NotGeoreferencedWarning, module="rasterio")
+
+# GDAL's block cache defaults to 5 % of RAM per process; finalize streams windows, so a small
+# cache bounds the client's memory without slowing it (measured: 1087 -> 443 MiB on 1 GiB).
+os.environ.setdefault("GDAL_CACHEMAX", "128")
+COG_ENV = {"GDAL_CACHEMAX": 128, "GDAL_NUM_THREADS": "ALL_CPUS"}
+
+RASTER_SUFFIXES = (
+    ".tif",
+    ".tiff",
+    ".gtiff",
+    ".geotiff",
+    ".cog",
+    ".vrt",
+    ".img",
+    ".jp2",
+    ".png",
+    ".jpg",
+    ".jpeg",
+)
 
 
 def raster_info(path: Path, *, allow_missing_crs: bool = False) -> tuple[tuple[int, ...], str, GeoRef]:
@@ -96,16 +118,18 @@ def write_cog(
     stage = path.with_name(f".tmp-{path.stem}.stage.tif")
     tmp = path.with_name(f".tmp-{path.name}")
     try:
-        _write_tiled(stage, georef, shape, dtype, windows, nodata)
-        rasterio.shutil.copy(
-            stage,
-            tmp,
-            driver="COG",
-            COMPRESS="DEFLATE",
-            BLOCKSIZE=256,
-            OVERVIEW_RESAMPLING=resampling,
-            BIGTIFF="IF_SAFER",
-        )
+        with rasterio.Env(**COG_ENV):
+            _write_tiled(stage, georef, shape, dtype, windows, nodata)
+            rasterio.shutil.copy(
+                stage,
+                tmp,
+                driver="COG",
+                COMPRESS="DEFLATE",
+                BLOCKSIZE=256,
+                OVERVIEW_RESAMPLING=resampling,
+                BIGTIFF="IF_SAFER",
+            )
+
         verify_raster(tmp, georef, shape, nodata)
         os.replace(tmp, path)
     except RasterioError as e:
@@ -133,7 +157,8 @@ def _write_tiled(
         "tiled": True,
         "blockxsize": 256,
         "blockysize": 256,
-        "compress": "deflate",
+        "compress": "zstd",  # fast, read once by the COG copy
+        "zstd_level": 1,
         "transform": rasterio.Affine(*georef.transform),
         "crs": georef.crs_wkt,
         "nodata": nodata,

@@ -29,6 +29,13 @@ from pipeline.runner.plan import Plan
 
 log = logging.getLogger(__name__)
 FAN_IN = 8
+#: Chunks per fit task: fewer tasks and one partial in memory per task (at most; small jobs
+#: still spread over every worker).
+REDUCE_BATCH = 32
+
+
+def _n_workers(client: Client) -> int:
+    return max(1, len(client.nthreads()))
 
 
 @dataclass
@@ -199,10 +206,16 @@ def make_reducer(plan: Plan, client: Client) -> Callable[[PartialFn, CombineFn],
     staged, edge, nodata = plan.staging / "input", plan.grid.edge_mode, plan.source.geometry
     nd = getattr(nodata, "nodata", None)
 
+    specs = list(plan.grid)
+    size = max(1, min(REDUCE_BATCH, -(-len(specs) // (4 * _n_workers(client)))))
+    batches = [specs[i : i + size] for i in range(0, len(specs), size)]
+
     def reduce(partial: PartialFn, combine: CombineFn) -> Any:
         parts = [
-            client.submit(process.reduce_chunk, staged, s, edge, nd, partial, pure=False) for s in plan.grid
+            client.submit(process.reduce_chunks, staged, b, edge, nd, partial, combine, pure=False)
+            for b in batches
         ]
+
         while len(parts) > 1:
             parts = [
                 client.submit(process.combine_many, combine, *parts[i : i + FAN_IN], pure=False)

@@ -56,12 +56,24 @@ def read_block(staged: Path, spec: ChunkSpec, edge_mode: str) -> np.ndarray:
     return spec.pad_block(zarr_store.read_box(staged, spec.read, channels=True), edge_mode)
 
 
-def reduce_chunk(
-    staged: Path, spec: ChunkSpec, edge_mode: str, nodata: float | None, partial: PartialFn
+def reduce_chunks(
+    staged: Path,
+    specs: list[ChunkSpec],
+    edge_mode: str,
+    nodata: float | None,
+    partial: PartialFn,
+    combine: Any,
 ) -> Any:
-    """One chunk's contribution to a global statistic (a segmenter's fit pass)."""
-    block = read_block(staged, spec, edge_mode)
-    return partial(block, valid_mask(block, nodata), spec.core(padded=edge_mode != "clip"))
+    """A batch of chunks' contribution to a global statistic (a segmenter's fit pass).
+
+    Partials are folded as they are made, so a task holds one partial at a time.
+    """
+    acc = None
+    for i, spec in enumerate(specs):
+        block = read_block(staged, spec, edge_mode)
+        part = partial(block, valid_mask(block, nodata), spec.core(padded=edge_mode != "clip"))
+        acc = part if i == 0 else combine(acc, part)
+    return acc
 
 
 def combine_many(combine: Any, *parts: Any) -> Any:
