@@ -46,7 +46,7 @@ def client() -> Iterator[object]:
         processes=True,
         memory_limit="1GiB",
         env=WORKER_ENV,
-        dashboard_address=None,
+        dashboard_address=":0",
         host="127.0.0.1",
     )
     with Client(cluster) as c:
