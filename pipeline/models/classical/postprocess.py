@@ -107,7 +107,7 @@ class Pipeline(Segmenter):
     name = "pipeline"
     summary = "chain: a semantic segmenter -> opening/closing/remove_small/fill_holes steps"
     halo_rule: ClassVar[str] = (
-        "first segmenter's halo + 2*radius per opening/closing + max_extent (default max_size) per size filter"
+        "first segmenter's halo + 2*radius per opening/closing + max_extent (or max_size) per size filter"
     )
     Params = PipelineParams
     params: PipelineParams
