@@ -161,7 +161,7 @@ def test_triangle_cell_below(client, pngs, tmp_path, chunk) -> None:
 
 
 @ids3
-def test_li_triangle_smoothed_ct(client, data, tmp_path, chunk) -> None:
+def test_triangle_smoothed_ct_volume(client, data, tmp_path, chunk) -> None:
     """Smoothing makes the CT float: triangle on the smoothed volume, halo = filter radius."""
     result = tiled(client, data.joinpath(*CT), tmp_path, "triangle", {"smooth_sigma": 1.0}, chunk)
     assert result.plan.grid.halo == (4, 4, 4)
