@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, TypeVar
+from types import UnionType
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -188,5 +189,17 @@ def describe(name: str) -> dict[str, Any]:
 
 
 def _type_name(annotation: object) -> str:
+    """Readable type text: ``float | Literal['otsu', 'yen']`` rather than ``Union``."""
+    args = get_args(annotation)
+    if args and get_origin(annotation) is Literal:
+        return "Literal[" + ", ".join(repr(a) for a in args) + "]"
+    if args and get_origin(annotation) in (Union, UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if args and get_origin(annotation) is Annotated:
+        return _type_name(args[0])
+    if args:
+        inner = ", ".join(_type_name(a) for a in args)
+        return f"{getattr(get_origin(annotation), '__name__', 'type')}[{inner}]"
+
     text = getattr(annotation, "__name__", None) or str(annotation)
-    return text.replace("typing.", "")
+    return "None" if text == "NoneType" else text.replace("typing.", "")

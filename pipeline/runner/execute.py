@@ -10,6 +10,7 @@ import json
 import logging
 import shutil
 import time
+import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ class RunResult:
     chunks_computed: int = 0
     chunks_skipped: int = 0
     segmenter: Segmenter | None = None
+    failures: dict[str, dict[str, str]] = field(default_factory=dict)
     instances: dict[str, Any] = field(default_factory=dict)
 
 
@@ -76,6 +78,8 @@ def prepare_output(plan: Plan, *, restart: bool = False) -> bool:
     job_file = plan.records / "job.json"
     if check_output(plan, restart=restart):
         (plan.out / "summary.json").unlink(missing_ok=True)
+        (plan.out / "failed.json").unlink(missing_ok=True)
+
         return True
     if plan.out.exists() and restart:
         _clear(plan.out)
@@ -142,12 +146,20 @@ def execute(plan: Plan, client: Client, *, restart: bool = False) -> RunResult:
             result,
             "segment",
             lambda: run_instances(
-                plan, client, fitted, lambda futs, stage: _wait_all(plan, futs, stage), _token()
+                plan,
+                client,
+                fitted,
+                lambda futs, stage: _wait_all(
+                    plan, futs, stage, result.failures if stage == "label" else None
+                ),
+                _token(),
             ),
         )
         result.chunks_computed = len(plan.grid)
     else:
         _timed(result, "segment", lambda: segment(plan, client, fitted, result))
+    if result.failures:
+        raise_failures(plan, result.failures)
     _timed(result, "finalize", lambda: result.outputs.update(finalize.finalize(plan, fitted)))
     finalize.write_summary(
         plan,
@@ -251,29 +263,43 @@ def segment(plan: Plan, client: Client, segmenter: Segmenter, result: RunResult)
         ): s.chunk_id
         for s in todo
     }
-    _wait_all(plan, futures, "segment")
+    _wait_all(plan, futures, "segment", result.failures)
 
 
 def _token() -> str:
     return uuid.uuid4().hex[:8]
 
 
-def _wait_all(plan: Plan, futures: dict[Future, str], stage: str) -> None:
-    failures: dict[str, str] = {}
+def _wait_all(
+    plan: Plan, futures: dict[Future, str], stage: str, quarantine: dict[str, dict[str, str]] | None = None
+) -> None:
+    """Wait for every future; failed chunks go to ``quarantine``, or raise when there is none."""
+    failures: dict[str, dict[str, str]] = {}
     with _progress(stage, len(futures)) as (progress, task):
         for fut in as_completed(list(futures)):
             if fut.status == "error":
-                failures[futures[fut]] = repr(fut.exception())
+                failures[futures[fut]] = {
+                    "stage": stage,
+                    "error": repr(fut.exception()),
+                    "traceback": "".join(traceback.format_tb(fut.traceback())),
+                }
             progress.advance(task)
-    if failures:
-        finalize.write_failure(plan, stage, failures)
-        first = next(iter(failures.items()))
-        raise ChunkFailedError(
-            f"{len(failures)} chunk(s) failed in stage {stage!r} after "
-            f"{plan.spec.retries} retries; first: chunk {first[0]}: {first[1]}. "
-            f"Details in {plan.out / 'failed.json'}; fix the cause and rerun "
-            "(completed chunks are kept)."
-        )
+    if quarantine is not None:
+        quarantine.update(failures)
+    elif failures:
+        raise_failures(plan, failures)
+
+
+def raise_failures(plan: Plan, failures: dict[str, dict[str, str]]) -> None:
+    """Record quarantined chunks in ``failed.json`` and raise :class:`ChunkFailedError`."""
+    finalize.write_failure(plan, failures)
+    chunk, info = next(iter(failures.items()))
+    raise ChunkFailedError(
+        f"{len(failures)} chunk(s) failed in stage {info['stage']!r} after {plan.spec.retries} "
+        f"retries and were quarantined; first: chunk {chunk}: {info['error']}. Every other chunk "
+        f"was written to {plan.staging}. Details in {plan.out / 'failed.json'}; fix the cause and "
+        "rerun (completed chunks are kept)."
+    )
 
 
 class _progress:

@@ -111,9 +111,11 @@ def _instance_outputs(plan: Plan, labels: Path) -> dict[str, str]:
     formats = plan.spec.output.formats
     if isinstance(plan.source.geometry, GeoRef) and ({"gpkg", "geoparquet"} & set(formats)):
         polys = vector.polygons_from_chunks(
-            labels, list(plan.grid), plan.source.geometry, table[["id", "class"]],
+            labels,
+            list(plan.grid),
+            plan.source.geometry,
+            table[["id", "class"]],
             simplify=plan.spec.output.simplify,
-
         )
         for fmt, name in (("gpkg", "objects.gpkg"), ("geoparquet", "objects_polygons.parquet")):
             if fmt in formats:
@@ -179,9 +181,9 @@ def write_summary(
     return _atomic_text(plan.out / "summary.json", json.dumps(summary, indent=2, default=str))
 
 
-def write_failure(plan: Plan, stage: str, failures: dict[str, str]) -> Path:
-    """Record failed chunks (the run is not complete; no summary is written)."""
-    record = {"status": "failed", "stage": stage, "failed_chunks": failures}
+def write_failure(plan: Plan, failures: dict[str, dict[str, str]]) -> Path:
+    """Record quarantined chunks (the run is not complete; no summary is written)."""
+    record = {"status": "failed", "failed_chunks": failures}
     return _atomic_text(plan.out / "failed.json", json.dumps(record, indent=2))
 
 

@@ -45,7 +45,7 @@ def run_instances(plan: Plan, client: Client, segmenter: Segmenter, wait: Any, t
     )
     rows = {r["chunk_id"]: r for r in zarr_store.CompletionLog(plan.records, "label").rows()}
     specs = list(plan.grid)
-    counts = [rows[s.chunk_id]["local_ids"] for s in specs]
+    counts = [rows[s.chunk_id]["local_ids"] if s.chunk_id in rows else 0 for s in specs]
     offs = offsets(counts).reshape(plan.grid.counts)
     pairs, seam_rows = _seams(plan, client, segmenter, offs, wait, token)
     relabel = solve(pairs, int(sum(counts)))
@@ -81,6 +81,7 @@ def run_instances(plan: Plan, client: Client, segmenter: Segmenter, wait: Any, t
                 retries=plan.spec.retries,
             ): s.chunk_id
             for s in specs
+            if s.chunk_id in rows  # quarantined chunks stay empty
         },
         "relabel",
     )
