@@ -148,7 +148,7 @@ def test_worker_sigkilled_half_way_job_completes_identically(raster, clean, tmp_
         _wait_until(lambda: _done(out) >= 100)
         victim = psutil.Process(procs[1].pid).children(recursive=True)[0]  # the nanny's worker
         victim.send_signal(signal.SIGKILL)
-        stdout, stderr = proc.communicate(timeout=600)
+        _, stderr = proc.communicate(timeout=600)
         assert proc.returncode == 0, stderr
         assert not victim.is_running() or victim.status() == psutil.STATUS_ZOMBIE
 
