@@ -5,9 +5,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from distributed import Client, LocalCluster
+from distributed.security import Security
 
+from pipeline.cluster.profiles import ClusterProfile, TLSFiles
 from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -21,6 +24,21 @@ WORKER_ENV = {
 }
 
 
+def security(tls: TLSFiles | None) -> Security | None:
+    """A ``distributed.Security`` requiring encryption, from PEM files; ``None`` without TLS."""
+    if tls is None:
+        return None
+    for name, path in tls.model_dump().items():
+        if not Path(path).is_file():
+            raise ConfigError(f"tls.{name} {path!r} does not exist; point it at a PEM file")
+    return Security(
+        tls_ca_file=tls.ca_file,
+        tls_client_cert=tls.cert_file,
+        tls_client_key=tls.key_file,
+        require_encryption=True,
+    )
+
+
 @contextmanager
 def connect(
     *,
@@ -29,15 +47,22 @@ def connect(
     threads_per_worker: int = 1,
     memory_limit: str = "2GiB",
     dashboard: bool = True,
+    profile: ClusterProfile | None = None,
 ) -> Iterator[Client]:
-    """Yield a client: to ``scheduler`` when given, else to a fresh local cluster of processes."""
+    """Yield a client: to ``scheduler`` (or the profile's address), else to a local cluster."""
+    if profile is not None:
+        scheduler = scheduler or profile.address
+        n_workers, threads_per_worker = profile.n_workers, profile.threads_per_worker
+        memory_limit = profile.memory_limit
+    sec = security(profile.tls) if profile is not None else None
     if scheduler:
         try:
-            client = Client(scheduler, timeout="20s")
-        except OSError as e:
+            client = Client(scheduler, timeout="20s", security=sec)
+        except (OSError, TimeoutError, TypeError, ValueError) as e:  # TypeError: tls:// without certificates
             raise ConfigError(
-                f"cannot reach the Dask scheduler at {scheduler!r} ({e}); start one "
-                "with `dask scheduler` or drop --scheduler to use a local cluster"
+                f"cannot reach the Dask scheduler at {scheduler!r} ({e}); start one with `dask scheduler` "
+                "(with its --tls-* options for tls://), check the profile's certificates, or drop "
+                "--scheduler to use a local cluster"
             ) from e
         try:
             yield client

@@ -8,6 +8,7 @@ from distributed import Client
 
 import pipeline.models.classical  # noqa: F401  (registers the classical segmenters)
 from pipeline.cluster import connect
+from pipeline.cluster.profiles import ClusterProfile, load_profile
 from pipeline.runner.execute import RunResult, check_output, execute
 from pipeline.runner.plan import make_plan
 from pipeline.runner.spec import JobSpec
@@ -20,6 +21,11 @@ def run_job(
     return next(run_jobs([spec], client=client, scheduler=scheduler, restart=restart))
 
 
+def _profile(spec: JobSpec, path: str | None) -> ClusterProfile | None:
+    chosen = path or spec.cluster.profile
+    return load_profile(chosen) if chosen else None
+
+
 def run_jobs(
     specs: Sequence[JobSpec],
     *,
@@ -27,6 +33,7 @@ def run_jobs(
     scheduler: str | None = None,
     restart: bool = False,
     announce: Callable[[str], None] | None = None,
+    profile: str | None = None,
 ) -> Iterator[RunResult]:
     """Plan every job first (so bad input fails before any cluster starts), then run them."""
     plans = [make_plan(s) for s in specs]
@@ -43,6 +50,7 @@ def run_jobs(
         threads_per_worker=c.threads_per_worker,
         memory_limit=c.memory_limit,
         dashboard=c.dashboard,
+        profile=_profile(specs[0], profile),
     ) as own:
         if announce is not None and own.dashboard_link:
             announce(own.dashboard_link)

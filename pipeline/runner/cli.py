@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -37,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("jobs", nargs="+", help="job YAML files")
     run.add_argument("--scheduler", help="address of an existing Dask scheduler (tcp://host:8786)")
     run.add_argument(
+        "--profile", help="cluster profile YAML (configs/clusters/); TLS certificates live there"
+    )
+    run.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -55,7 +59,27 @@ def _parser() -> argparse.ArgumentParser:
     segs = sub.add_parser("segmenters", help="list segmenters with parameters, halo and kind")
     segs.add_argument("--json", action="store_true", help="machine-readable output")
     segs.set_defaults(func=_cmd_segmenters)
+    _eval_parser(sub)
     return parser
+
+
+def _eval_parser(sub: Any) -> None:
+    ev = sub.add_parser("eval", help="compare a prediction with a reference (geometry checked)")
+    ev.add_argument("pred", help="predicted labels (any raster or volume segpipe reads)")
+    ev.add_argument("ref", help="reference labels on the same grid")
+    ev.add_argument("--out", help="folder for metrics.json and per_class.csv")
+    ev.add_argument("--kind", choices=["semantic", "instance", "panoptic", "medical"], default="semantic")
+    ev.add_argument("--ignore", type=int, help="reference value not counted (panoptic: the void id)")
+    ev.add_argument("--classes", type=int, nargs="+", help="classes to report and average")
+    ev.add_argument("--iou", type=float, nargs="+", default=[0.5, 0.75], help="F1 IoU thresholds")
+    ev.add_argument("--max-dets", type=int, default=100, help="detections kept per image for AP/AR")
+    ev.add_argument("--pred-segments", help="panoptic: the prediction's segments.json")
+    ev.add_argument("--ref-segments", help="panoptic: the reference's segments.json")
+    ev.add_argument("--label-divisor", type=int, help="panoptic: id = category * divisor + instance")
+    ev.add_argument("--chunk", type=int, help="chunk edge in pixels/voxels")
+    ev.add_argument("--allow-missing-crs", action="store_true", help="accept rasters without a CRS")
+    ev.add_argument("--scheduler", help="address of an existing Dask scheduler")
+    ev.set_defaults(func=_cmd_eval)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -64,6 +88,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         specs,
         scheduler=args.scheduler,
         restart=args.restart,
+        profile=args.profile,
         announce=lambda link: console.print(f"dashboard: {link}"),
     ):
         print(f"{result.plan.spec.name}: complete -> {result.plan.out}")
@@ -100,6 +125,42 @@ def _cmd_segmenters(args: argparse.Namespace) -> int:
         )
         table.add_row(info["name"], info["kind"], info["halo"], params, info["summary"])
     Console().print(table)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipeline.runner.evaluate import EvalOptions, evaluate, read_segments, write_report
+
+    pred_cats = ref_cats = None
+    things: tuple[int, ...] | None = None
+    if args.pred_segments and args.ref_segments:
+        pred_cats, _ = read_segments(args.pred_segments)
+        ref_cats, things = read_segments(args.ref_segments)
+    options = EvalOptions(
+        classes=tuple(args.classes) if args.classes else None,
+        iou_thresholds=tuple(args.iou),
+        max_dets=args.max_dets,
+        pred_categories=pred_cats,
+        ref_categories=ref_cats,
+        label_divisor=args.label_divisor,
+        things=things or None,
+        chunk=args.chunk,
+        allow_missing_crs=args.allow_missing_crs,
+    )
+    metrics = evaluate(
+        args.pred, args.ref, kind=args.kind, ignore=args.ignore, scheduler=args.scheduler, options=options
+    )
+    headline: dict[str, Any] = {
+        k: metrics[k] for k in ("mIoU", "mean_dice", "AP", "AP50", "AP75", "AR") if k in metrics
+    }
+    if "all" in metrics:
+        headline["PQ"] = metrics["all"]["pq"]
+    print(json.dumps(headline))
+    if args.out:
+        for name, path in write_report(metrics, Path(args.out)).items():
+            print(f"  {name:>4}: {path}")
     return 0
 
 

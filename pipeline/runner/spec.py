@@ -46,6 +46,7 @@ class OutputSpec(_Strict):
 
 
 class ClusterSpec(_Strict):
+    profile: str | None = Field(None, description="configs/clusters/*.yaml (relative to the job file)")
     scheduler: str | None = None
     n_workers: int = Field(2, ge=1)
     threads_per_worker: int = Field(1, ge=1)
@@ -129,8 +130,12 @@ def resolve_paths(spec: JobSpec, *, base: Path) -> JobSpec:
     inp = Path(spec.input.path).expanduser()
     resolved = (inp if inp.is_absolute() else base / inp).resolve()
     out = Path(spec.output.dir or Path("outputs") / spec.name).expanduser().resolve()
+    profile = spec.cluster.profile
+    if profile and not Path(profile).is_absolute():
+        profile = str((base / profile).resolve())
     return spec.model_copy(
         update={
+            "cluster": spec.cluster.model_copy(update={"profile": profile}),
             "input": spec.input.model_copy(update={"path": str(resolved)}),
             "output": spec.output.model_copy(update={"dir": str(out)}),
         }
