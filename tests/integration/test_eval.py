@@ -126,3 +126,31 @@ def test_medical_eval_on_ct_labels(client, data: Path, tmp_path: Path) -> None:
     sitk.WriteImage(out, str(tmp_path / "scaled.nii.gz"))
     with pytest.raises(GeometryMismatchError, match="spacing_zyx"):
         evaluate(tmp_path / "scaled.nii.gz", ref_path, kind="medical", client=client)
+
+
+def test_cli_panoptic_with_segments_tables(client, data: Path, tmp_path: Path) -> None:
+    label = data / "geo" / "Spain_7370579_LabelHand.tif"
+    ref = np.zeros((512, 512), np.uint16)
+    ref[:, :256], ref[10:50, 300:340], ref[100:140, 300:340] = 1, 2, 3  # stuff 1, things 2 and 3
+    pred = ref.copy()
+    pred[100:140, 300:340] = 0  # thing 3 missed
+    pred[200:220, 400:420] = 4  # a thing on void: not a false positive
+    pred[300:320, 100:120] = 5  # a thing that is not there: a false positive
+    for name, arr in (("ref", ref), ("pred", pred)):
+        _write_like(tmp_path / f"{name}.tif", label, arr)
+        segs = [{"id": int(i), "category_id": 1 if i == 1 else 7} for i in np.unique(arr) if i]
+        cats = [{"id": 1, "isthing": 0}, {"id": 7, "isthing": 1}]
+        (tmp_path / f"{name}.json").write_text(json.dumps({"segments": segs, "categories": cats}))
+    argv = ["eval", str(tmp_path / "pred.tif"), str(tmp_path / "ref.tif"), "--kind", "panoptic"]
+    argv += ["--pred-segments", str(tmp_path / "pred.json"), "--ref-segments", str(tmp_path / "ref.json")]
+    assert main([*argv, "--scheduler", client.scheduler.address, "--out", str(tmp_path / "o")]) == 0
+    res = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    stuff_iou = (512 * 256 - 400) / (512 * 256)
+    assert res["per_class"]["1"] == pytest.approx(
+        {"pq": stuff_iou, "sq": stuff_iou, "rq": 1.0, "tp": 1, "fp": 0, "fn": 0}
+    )
+    # things: 2 matched (IoU 1), 3 missed (FN), 5 not there (FP), 4 on void (ignored)
+    assert res["per_class"]["7"] == pytest.approx(
+        {"pq": 0.5, "sq": 1.0, "rq": 0.5, "tp": 1, "fp": 1, "fn": 1}
+    )
+    assert res["all"]["pq"] == pytest.approx((stuff_iou + 0.5) / 2) and res["things"]["pq"] == 0.5
