@@ -56,6 +56,13 @@ def _parser() -> argparse.ArgumentParser:
     val.add_argument("jobs", nargs="+")
     val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     val.set_defaults(func=_cmd_validate)
+    clus = sub.add_parser("cluster", help="start a local scheduler and workers for notebooks and jobs")
+    clus.add_argument("action", choices=["up"])
+    clus.add_argument("--workers", type=int, default=2, help="CPU workers (1 thread each)")
+    clus.add_argument("--port", type=int, default=8786)
+    clus.add_argument("--memory-limit", default="2GiB")
+    clus.add_argument("--stop-after", type=float, default=None, help=argparse.SUPPRESS)
+    clus.set_defaults(func=_cmd_cluster)
     segs = sub.add_parser("segmenters", help="list segmenters with parameters, halo and kind")
     segs.add_argument("--json", action="store_true", help="machine-readable output")
     segs.set_defaults(func=_cmd_segmenters)
@@ -94,6 +101,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"{result.plan.spec.name}: complete -> {result.plan.out}")
         for name, path in result.outputs.items():
             print(f"  {name:>6}: {path}")
+    return 0
+
+
+def _cmd_cluster(args: argparse.Namespace) -> int:
+    from pipeline.cluster.up import serve
+
+    serve(
+        n_workers=args.workers,
+        port=args.port,
+        memory_limit=args.memory_limit,
+        announce=lambda text: print(text, flush=True),
+        stop_after=args.stop_after,
+    )
     return 0
 
 

@@ -167,3 +167,51 @@ def test_client_without_certificates_is_refused(tls_cluster, tmp_path, scheme) -
     assert proc.returncode == 2
     assert "cannot reach the Dask scheduler" in proc.stderr
     assert not (out / "summary.json").exists()
+
+
+def test_cluster_up_serves_jobs(tmp_path) -> None:
+    """`segpipe cluster up` starts a scheduler and workers that `segpipe run --scheduler` uses."""
+    port = _free_port()
+    log = tmp_path / "up.log"
+    with open(log, "w") as fh:
+        up = subprocess.Popen(
+            [
+                str(BIN / "segpipe"),
+                "cluster",
+                "up",
+                "--workers",
+                "2",
+                "--port",
+                str(port),
+                "--stop-after",
+                "240",
+            ],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        t0 = time.time()
+        while "scheduler: tcp://127.0.0.1" not in log.read_text():
+            assert time.time() - t0 < 120 and up.poll() is None, log.read_text()
+            time.sleep(0.2)
+        assert "workers: 2 CPU + 0 GPU" in log.read_text()
+        out = tmp_path / "out"
+        proc = subprocess.run(
+            [
+                str(BIN / "segpipe"),
+                "run",
+                str(JOB),
+                "--scheduler",
+                f"tcp://127.0.0.1:{port}",
+                "--set",
+                f"output.dir={out}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert (out / "summary.json").exists()
+    finally:
+        up.terminate()
+        up.wait(timeout=60)
