@@ -11,7 +11,11 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.errors import ConfigError
 from pipeline.metrics.contingency import Contingency, contingency
+
+#: Most classes a semantic report takes without an explicit class list.
+MAX_CLASSES = 4096
 
 
 def confusion_matrix(
@@ -43,8 +47,14 @@ def semantic_metrics(table: Contingency, *, classes: Sequence[int] | None = None
     reported and averaged; a pixel predicted as a value outside them is a miss of its reference
     class. Means skip NaN scores (classes absent from both images). NaN is written as ``None``.
     """
-    all_classes, full = table.dense()
-    keep = all_classes if classes is None else np.asarray(classes, dtype=np.int64)
+    seen = np.union1d(table.ref, table.pred)
+    if classes is None and len(seen) > MAX_CLASSES:
+        raise ConfigError(
+            f"{len(seen)} distinct label values; a confusion matrix of more than {MAX_CLASSES} "
+            "classes is not a semantic evaluation. Name the classes to report (classes=...) or "
+            "evaluate the ids as instances."
+        )
+    keep = seen if classes is None else np.asarray(classes, dtype=np.int64)
     cls, matrix = table.dense(keep)
     # misses into values outside ``classes`` still count against their reference class
     ref_values, ref_totals = table.ref_counts()
@@ -59,7 +69,7 @@ def semantic_metrics(table: Contingency, *, classes: Sequence[int] | None = None
         "per_class": {int(c): {k: _num(v[i]) for k, v in scores.items()} for i, c in enumerate(cls)},
         "mIoU": _num(_nanmean(scores["iou"])),
         "mean_dice": _num(_nanmean(scores["dice"])),
-        "pixel_accuracy": _num(np.trace(full) / total if total else np.nan),
+        "pixel_accuracy": _num(table.count[table.ref == table.pred].sum() / total if total else np.nan),
         "pixels": total,
     }
 
