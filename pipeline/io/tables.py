@@ -49,7 +49,7 @@ def _raster_columns(frame: pd.DataFrame, georef: GeoRef) -> pd.DataFrame:
     a, b, c, d, e, f = georef.transform
     row, col = frame["centroid0"] + 0.5, frame["centroid1"] + 0.5
     frame["centroid_x"], frame["centroid_y"] = a * col + b * row + c, d * col + e * row + f
-    frame["area_m2"] = frame["count"] * _pixel_area_m2(georef, frame["centroid_x"], frame["centroid_y"])
+    frame["area_m2"] = frame["count"] * pixel_area_m2(georef, frame["centroid_x"], frame["centroid_y"])
     corners = [(r, q) for r in (frame["min0"], frame["max0"] + 1) for q in (frame["min1"], frame["max1"] + 1)]
     xs = np.stack([a * q + b * r + c for r, q in corners], axis=1)
     ys = np.stack([d * q + e * r + f for r, q in corners], axis=1)
@@ -64,7 +64,7 @@ def _raster_columns(frame: pd.DataFrame, georef: GeoRef) -> pd.DataFrame:
     return frame
 
 
-def _pixel_area_m2(georef: GeoRef, x: pd.Series, y: pd.Series) -> np.ndarray:
+def pixel_area_m2(georef: GeoRef, x: pd.Series, y: pd.Series) -> np.ndarray:
     """Area of one pixel in m²: exact for projected CRSs, geodesic at the centroid otherwise."""
     a, b, _, d, e, _ = georef.transform
     if not georef.crs_wkt:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from distributed import Client
 
@@ -56,3 +57,26 @@ def run_jobs(
             announce(own.dashboard_link)
         for plan in plans:
             yield execute(plan, own, restart=restart)
+
+
+def run_scheduled_job(
+    spec: JobSpec, *, client: Client | None = None, scheduler: str | None = None, profile: str | None = None
+) -> dict[str, Any]:
+    """Run a multi-scene job (``input.path`` is a glob): new or changed scenes only, with a ledger."""
+    from pipeline.runner.schedule import run_scheduled
+
+    def go(c: Client) -> dict[str, Any]:
+        return run_scheduled(spec, lambda plan: execute(plan, c).outputs, make_plan)
+
+    if client is not None:
+        return go(client)
+    cs = spec.cluster
+    with connect(
+        scheduler=scheduler or cs.scheduler,
+        n_workers=cs.n_workers,
+        threads_per_worker=cs.threads_per_worker,
+        memory_limit=cs.memory_limit,
+        dashboard=cs.dashboard,
+        profile=_profile(spec, profile),
+    ) as own:
+        return go(own)

@@ -13,8 +13,9 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.errors import PipelineError
-from pipeline.runner.api import run_jobs
+from pipeline.runner.api import run_jobs, run_scheduled_job
 from pipeline.runner.plan import make_plan
+from pipeline.runner.schedule import history, is_multi_scene
 from pipeline.runner.spec import load_job
 
 console = Console(stderr=True)
@@ -63,6 +64,15 @@ def _parser() -> argparse.ArgumentParser:
     clus.add_argument("--memory-limit", default="2GiB")
     clus.add_argument("--stop-after", type=float, default=None, help=argparse.SUPPRESS)
     clus.set_defaults(func=_cmd_cluster)
+    runs = sub.add_parser("runs", help="list the runs of a multi-scene job (its ledger)")
+    runs.add_argument("output", help="the job's output folder (holding ledger.sqlite)")
+    runs.add_argument("--json", action="store_true")
+    runs.set_defaults(func=_cmd_runs)
+    chg = sub.add_parser("change", help="change report between two label maps of one area")
+    chg.add_argument("before")
+    chg.add_argument("after")
+    chg.add_argument("--out", required=True, help="folder for change.tif, transitions.parquet, change.json")
+    chg.set_defaults(func=_cmd_change)
     segs = sub.add_parser("segmenters", help="list segmenters with parameters, halo and kind")
     segs.add_argument("--json", action="store_true", help="machine-readable output")
     segs.set_defaults(func=_cmd_segmenters)
@@ -91,6 +101,18 @@ def _eval_parser(sub: Any) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     specs = [load_job(j, args.overrides) for j in args.jobs]
+    scheduled = [s for s in specs if is_multi_scene(s)]
+    specs = [s for s in specs if not is_multi_scene(s)]
+    for spec in scheduled:
+        record = run_scheduled_job(spec, scheduler=args.scheduler, profile=args.profile)
+        print(
+            f"{spec.name}: run {record['run_id']} {record['status']}: {record['processed']} processed, "
+            f"{record['skipped']} skipped, {record['failed']} failed -> {spec.output.dir}"
+        )
+        if record["failed"]:
+            return 1
+    if not specs:
+        return 0
     for result in run_jobs(
         specs,
         scheduler=args.scheduler,
@@ -117,14 +139,52 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_validate(args: argparse.Namespace) -> int:
-    for job in args.jobs:
-        plan = make_plan(load_job(job, args.overrides))
+def _cmd_change(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipeline.runner.change import change_report
+
+    report = change_report(Path(args.before), Path(args.after), Path(args.out))
+    print(
+        f"changed: {report['changed_pixels']} of {report['pixels']} pixels "
+        f"({report['changed_km2']:.3f} km²) -> {args.out}"
+    )
+    return 0
+
+
+def _cmd_runs(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    records = history(Path(args.output) / "ledger.sqlite")
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return 0
+    for run in records:
         print(
-            f"{job}: ok ({plan.source.format} {plan.source.shape} {plan.source.dtype}, "
-            f"segmenter {plan.segmenter.name}, {len(plan.grid)} chunks of {plan.grid.chunk}, "
-            f"halo {plan.grid.halo})"
+            f"{run['run_id']}  {run['job']}  {run['status']:>8}  processed {run['processed']}  "
+            f"skipped {run['skipped']}  failed {run['failed']}"
         )
+        for item in run["items"]:
+            print(
+                f"    {item['item']:<40} {item['status']:>8}  {item['seconds'] or 0:.1f} s"
+                + (f"  {item['error']}" if item["error"] else "")
+            )
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from pipeline.runner.schedule import scene_specs
+
+    for job in args.jobs:
+        spec = load_job(job, args.overrides)
+        items = scene_specs(spec) if is_multi_scene(spec) else [("", spec)]
+        for item, item_spec in items:
+            plan = make_plan(item_spec)
+            print(
+                f"{job}{' [' + item + ']' if item else ''}: ok ({plan.source.format} {plan.source.shape} "
+                f"{plan.source.dtype}, segmenter {plan.segmenter.name}, {len(plan.grid)} chunks of "
+                f"{plan.grid.chunk}, halo {plan.grid.halo})"
+            )
     return 0
 
 
