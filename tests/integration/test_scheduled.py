@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import pandas as pd
+import pytest
 import rasterio
 import yaml
 
