@@ -17,7 +17,7 @@ from pipeline.errors import InvalidImageError
 
 RASTER_DIMS = ("band", "y", "x")
 VOLUME_DIMS = ("z", "y", "x")
-MAX_ELEMENTS = 2**50  # absurd declared sizes are refused before anything is allocated
+MAX_ELEMENTS = 2**48  # absurd declared sizes (a corrupt header) are refused before any work
 
 
 @dataclass(frozen=True)
@@ -117,11 +117,11 @@ def valid_mask(block: np.ndarray, nodata: float | None) -> np.ndarray:
     """Spatial mask of usable pixels of a ``(C, *spatial)`` block.
 
     A pixel is invalid when every band equals ``nodata`` (rasterio's dataset-mask rule) or
-    any band is NaN.
+    any band is NaN or infinite (no threshold or statistic is defined for it).
     """
     valid = np.ones(block.shape[1:], dtype=bool)
     if nodata is not None and not np.isnan(nodata):
         valid &= ~np.all(block == nodata, axis=0)
     if block.dtype.kind == "f":
-        valid &= ~np.any(np.isnan(block), axis=0)
+        valid &= np.all(np.isfinite(block), axis=0)
     return valid

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import rasterio
 import rasterio.shutil
+from rasterio._err import CPLE_BaseError
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
@@ -132,8 +133,8 @@ def write_cog(
 
         verify_raster(tmp, georef, shape, nodata)
         os.replace(tmp, path)
-    except RasterioError as e:
-        raise WriteError(f"{path}: writing the COG failed ({e}); check free disk space") from e
+    except (RasterioError, CPLE_BaseError, OSError) as e:  # GDAL write errors, EFBIG, ENOSPC
+        raise WriteError(f"{path}: writing the COG failed ({e}); check free disk space and quotas") from e
     finally:
         for p in (stage, tmp):
             p.unlink(missing_ok=True)

@@ -17,6 +17,7 @@ import xarray as xr
 
 from pipeline.data import Image, wrap_image
 from pipeline.data.geometry import Geometry, GeoRef
+from pipeline.data.image import MAX_ELEMENTS
 from pipeline.errors import InvalidImageError, ReadError
 from pipeline.io import geo, medical, zarr_store
 from pipeline.tiling import Box, ChunkGrid
@@ -67,10 +68,10 @@ def open_source(path: str | Path, *, allow_missing_crs: bool = False) -> ImageSo
         return _checked(ImageSource(p, "zarr", shape, dtype, geometry))
     if medical.is_volume_path(p):
         (z, y, x), dtype, ref = medical.volume_info(p)
-        return ImageSource(p, "volume", (1, z, y, x), dtype, ref)
+        return _checked(ImageSource(p, "volume", (1, z, y, x), dtype, ref))
     if name.endswith(geo.RASTER_SUFFIXES):
         shape, dtype, georef = geo.raster_info(p, allow_missing_crs=allow_missing_crs)
-        return ImageSource(p, "raster", shape, dtype, georef)
+        return _checked(ImageSource(p, "raster", shape, dtype, georef))
     raise InvalidImageError(
         f"{p}: unknown input format; segpipe reads GeoTIFF/COG "
         f"{geo.RASTER_SUFFIXES}, volumes {medical.VOLUME_SUFFIXES}, DICOM "
@@ -87,7 +88,14 @@ def _checked(src: ImageSource) -> ImageSource:
             f"first, but the array has shape {src.shape}. Squeeze or split the extra axes."
         )
     if any(s == 0 for s in src.shape):
-        raise InvalidImageError(f"{src.path}: the image is empty (shape {src.shape})")
+        raise InvalidImageError(
+            f"{src.path}: the image is empty (shape {src.shape}); give a file with pixels"
+        )
+    if float(np.prod(src.shape, dtype=np.float64)) > MAX_ELEMENTS:
+        raise InvalidImageError(
+            f"{src.path}: declared shape {src.shape} is absurdly large (over 2^48 "
+            "elements); the header is probably corrupt. Re-export the file."
+        )
     return src
 
 

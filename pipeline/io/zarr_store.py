@@ -66,10 +66,10 @@ def read_box(path: Path, box: Box, *, channels: bool = False) -> np.ndarray:
         arr = zarr.open_array(store=str(path), mode="r")
         lead = (slice(None),) * (arr.ndim - box.ndim)
         data = np.asarray(arr[lead + box.slices()])
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError) as e:  # RuntimeError: a chunk fails to decode
         raise ReadError(
-            f"{path}: reading {box.start}..{box.stop} failed ({e}); the zarr store is "
-            "damaged. Rerun the job with --restart."
+            f"{path}: reading {box.start}..{box.stop} failed ({e}); a chunk of this zarr array is "
+            "damaged. Re-create the array (for segpipe's staging store: rerun the job with --restart)."
         ) from e
     return data[None] if channels and data.ndim == box.ndim else data
 

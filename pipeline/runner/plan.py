@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -13,7 +14,7 @@ from pipeline import __version__
 from pipeline.errors import ConfigError, HaloTooSmallError
 from pipeline.io.sources import ImageSource, open_source
 from pipeline.models import ImageInfo, Segmenter, create_segmenter
-from pipeline.runner.spec import JobSpec
+from pipeline.runner.spec import JobSpec, confine_output
 from pipeline.tiling import ChunkGrid
 
 FORMATS_BY_KIND = {
@@ -51,6 +52,7 @@ class Plan:
 
 def make_plan(spec: JobSpec) -> Plan:
     """Validate ``spec`` against its input and segmenter and build the chunk grid."""
+    confine_output(spec, os.environ.get("SEGPIPE_OUTPUT_ROOT"))
     source = open_source(spec.input.path, allow_missing_crs=spec.input.allow_missing_crs)
     kind: Literal["raster", "volume"] = "raster" if len(source.spatial_shape) == 2 else "volume"
     info = ImageInfo(

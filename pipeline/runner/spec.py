@@ -78,8 +78,7 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
         raise ConfigError(f"{p}: a job file must be a mapping of keys (name, input, segmenter, ...)")
     for item in overrides or []:
         apply_override(raw, item)
-    spec = parse_job(raw, source=str(p))
-    return resolve_paths(spec, base=p.parent)
+    return resolve_paths(parse_job(raw, source=str(p)), base=p.parent)
 
 
 def parse_job(raw: dict[str, Any], *, source: str = "<job>") -> JobSpec:
@@ -140,6 +139,18 @@ def resolve_paths(spec: JobSpec, *, base: Path) -> JobSpec:
             "output": spec.output.model_copy(update={"dir": str(out)}),
         }
     )
+
+
+def confine_output(spec: JobSpec, root: str | None) -> None:
+    """Refuse an output folder outside ``root`` (the site's ``SEGPIPE_OUTPUT_ROOT``), if set."""
+    if not root:
+        return
+    out, base = Path(spec.output.dir or ""), Path(root).resolve()
+    if not out.is_relative_to(base):
+        raise ConfigError(
+            f"output.dir {str(out)!r} is outside the output root {str(base)!r} "
+            "(SEGPIPE_OUTPUT_ROOT); choose a folder inside it"
+        )
 
 
 def dump_job(spec: JobSpec) -> str:
