@@ -1,16 +1,19 @@
 """Scheduled multi-scene jobs: one item per scene, skipped when unchanged, recorded in a ledger.
 
 A job whose ``input.path`` is a glob (``scenes/*.tif``) is run once per matching file, each
-into ``OUT/<item>/``. An item whose fingerprint (input identity, segmenter, parameters, tile
-geometry) already has a complete result is skipped, so a cron entry can call the same job
-every day and only new or changed scenes are processed. Every run and item is recorded in
-an SQLite ledger (``OUT/ledger.sqlite``).
+into ``OUT/<item>/``; one that names a local STAC ItemCollection, Catalog or Collection
+(``scenes.json``) is run once per STAC item, on the item's ``input.asset`` raster. An item
+whose fingerprint (input identity, segmenter, parameters, tile geometry) already has a
+complete result is skipped, so a cron entry can call the same job every day and only new or
+changed scenes are processed. Every run and item is recorded in an SQLite ledger
+(``OUT/ledger.sqlite``).
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import os
 import re
 import sqlite3
 import time
@@ -19,6 +22,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.runner.spec import JobSpec
@@ -32,32 +37,147 @@ create table if not exists items (run_id text, item text, input text, fingerprin
 
 
 def is_multi_scene(spec: JobSpec) -> bool:
-    """Whether the job's input is a glob of scenes."""
-    return any(ch in spec.input.path for ch in "*?[")
+    """Whether the job's input is a glob of scenes or a STAC file of items."""
+    return any(ch in spec.input.path for ch in "*?[") or is_stac(spec.input.path)
+
+
+def is_stac(path: str) -> bool:
+    """Whether ``path`` names a STAC JSON file (anything ``*.json`` but a zarr metadata file)."""
+    p = Path(path)
+    return p.suffix.lower() == ".json" and p.name != "zarr.json"
 
 
 def scene_specs(spec: JobSpec) -> list[tuple[str, JobSpec]]:
-    """``(item id, job spec)`` per scene matching the glob, in sorted order."""
-    scenes = sorted(glob.glob(spec.input.path))
-    if not scenes:
-        raise ConfigError(f"input.path {spec.input.path!r} matches no file; check the glob")
+    """``(item id, job spec)`` per scene (glob match or STAC item), sorted by item id."""
+    if is_stac(spec.input.path):
+        scenes = stac_scenes(Path(spec.input.path), asset=spec.input.asset)
+    else:
+        scenes = _glob_scenes(spec.input.path)
+    _check_unique(scenes, spec.input.path)
     out = Path(spec.output.dir or "")
-    items = []
-    for scene in scenes:
-        item = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(scene).name.split(".")[0])
-        items.append(
-            (
-                item,
-                spec.model_copy(
-                    update={
-                        "name": f"{spec.name}-{item}"[:120],
-                        "input": spec.input.model_copy(update={"path": scene}),
-                        "output": spec.output.model_copy(update={"dir": str(out / item)}),
-                    }
-                ),
-            )
+    return [
+        (
+            item,
+            spec.model_copy(
+                update={
+                    "name": f"{spec.name}-{item}"[:120],
+                    "input": spec.input.model_copy(update={"path": scene}),
+                    "output": spec.output.model_copy(update={"dir": str(out / item)}),
+                }
+            ),
         )
-    return items
+        for item, scene in sorted(scenes)
+    ]
+
+
+def _item_id(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+def _glob_scenes(pattern: str) -> list[tuple[str, str]]:
+    scenes = sorted(glob.glob(pattern))
+    if not scenes:
+        raise ConfigError(f"input.path {pattern!r} matches no file; check the glob")
+    return [(_item_id(Path(scene).name.split(".")[0]), scene) for scene in scenes]
+
+
+def _check_unique(scenes: list[tuple[str, str]], where: str) -> None:
+    seen: dict[str, str] = {}
+    for item, scene in scenes:
+        if item in seen:
+            raise ConfigError(
+                f"input.path {where!r}: scenes {seen[item]!r} and {scene!r} both become item {item!r} "
+                "and would write into the same folder; give them distinct names or STAC ids"
+            )
+        seen[item] = scene
+
+
+STAC_TYPES = ("FeatureCollection", "Feature", "Catalog", "Collection")
+
+
+def stac_scenes(path: Path, *, asset: str = "image") -> list[tuple[str, str]]:
+    """``(item id, raster path)`` per item of a local STAC file.
+
+    ``path`` is an ItemCollection (``FeatureCollection``), a single Item, or a Catalog or
+    Collection whose ``item`` and ``child`` links are followed. Each item's ``asset`` href
+    is a local file; a relative href is resolved against the folder of the JSON holding it.
+    """
+    scenes = [_asset_path(item, source, asset) for item, source in _stac_items(path, what="input.path")]
+    if not scenes:
+        raise ConfigError(f"{path}: the STAC file holds no items; add items or point input.path elsewhere")
+    return [(_item_id(item), scene) for item, scene in scenes]
+
+
+def _stac_items(path: Path, *, what: str, seen: set[Path] | None = None) -> Iterator[tuple[Any, Path]]:
+    """``(item, JSON file holding it)`` for every item reachable from ``path``."""
+    seen = set() if seen is None else seen
+    if path.resolve() in seen:
+        return
+    seen.add(path.resolve())
+    doc = _read_stac(path, what=what)
+    if doc["type"] == "Feature":
+        yield doc, path
+    elif doc["type"] == "FeatureCollection":
+        yield from ((feature, path) for feature in doc.get("features") or [])
+    else:
+        for link in doc.get("links") or []:
+            if isinstance(link, dict) and link.get("rel") in ("item", "child"):
+                href = str(link.get("href", ""))
+                target = _local_href(href, path, what=f"{link['rel']} link {href!r}")
+                yield from _stac_items(target, what=f"{path}: {link['rel']} link {href!r}", seen=seen)
+
+
+def _read_stac(path: Path, *, what: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {str(path)!r}: STAC file not found; check the path") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{what} {str(path)!r}: not a readable STAC JSON file ({e})") from e
+    kind = doc.get("type") if isinstance(doc, dict) else None
+    if kind not in STAC_TYPES:
+        raise ConfigError(
+            f"{what} {str(path)!r}: STAC type {kind!r} is not one of {', '.join(STAC_TYPES)}; "
+            "a *.json input must be a STAC ItemCollection, Catalog, Collection or Item"
+        )
+    return doc  # type: ignore[no-any-return]
+
+
+def _asset_path(item: Any, source: Path, key: str) -> tuple[str, str]:
+    item_id = item.get("id") if isinstance(item, dict) else None
+    if not isinstance(item_id, str) or not item_id:
+        raise ConfigError(f"{source}: a STAC item has no 'id' (got {item_id!r}); every item needs one")
+    assets = item.get("assets") or {}
+    if key not in assets:
+        raise ConfigError(
+            f"{source}: STAC item {item_id!r} has no asset {key!r}; its assets are "
+            f"{sorted(assets) or 'none'}. Set input.asset to the raster's key"
+        )
+    href = assets[key].get("href") if isinstance(assets[key], dict) else None
+    if not isinstance(href, str) or not href:
+        raise ConfigError(f"{source}: STAC item {item_id!r} asset {key!r} has no href")
+    return item_id, str(_local_href(href, source, what=f"STAC item {item_id!r} asset {key!r} href {href!r}"))
+
+
+def _local_href(href: str, source: Path, *, what: str) -> Path:
+    """The local file an href names (relative to ``source``'s folder); it must exist."""
+    parsed = urlparse(href)
+    if parsed.scheme == "file":
+        path = Path(url2pathname(parsed.path))
+    elif parsed.scheme:
+        raise ConfigError(
+            f"{source}: {what} is a {parsed.scheme}:// URL; only local files are read. "
+            "Download the asset and point the href at the local copy"
+        )
+    else:
+        path = Path(href).expanduser()
+    path = Path(os.path.normpath(path if path.is_absolute() else source.parent / path))
+    if not path.exists():
+        raise ConfigError(
+            f"{source}: {what}: file {str(path)!r} not found (relative hrefs are resolved against "
+            f"{str(source.parent)!r}); fix the href or restore the file"
+        )
+    return path
 
 
 @contextmanager

@@ -25,6 +25,7 @@ class _Strict(BaseModel):
 class InputSpec(_Strict):
     path: str = Field(description="raster, volume file, DICOM folder or segpipe zarr array")
     allow_missing_crs: bool = False
+    asset: str = Field("image", description="STAC input: the asset key of each item's raster")
 
 
 class SegmenterSpec(_Strict):
