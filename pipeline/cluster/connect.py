@@ -40,6 +40,26 @@ def security(tls: TLSFiles | None) -> Security | None:
 
 
 @contextmanager
+def _batch_client(profile: ClusterProfile) -> Iterator[Client]:
+    """A client on a jobqueue or Kubernetes cluster built from ``profile`` (closed afterwards)."""
+    from pipeline.cluster.batch import jobqueue_cluster, kubernetes_spec
+
+    if profile.kind == "jobqueue" and profile.jobqueue is not None:
+        cluster = jobqueue_cluster(profile.jobqueue)
+        cluster.scale(jobs=profile.jobqueue.jobs)
+    else:
+        from dask_kubernetes.operator import KubeCluster
+
+        assert profile.kubernetes is not None  # checked by load_profile
+        cluster = KubeCluster(custom_cluster_spec=kubernetes_spec(profile.kubernetes))
+    try:
+        with Client(cluster) as client:
+            yield client
+    finally:
+        cluster.close()
+
+
+@contextmanager
 def connect(
     *,
     scheduler: str | None = None,
@@ -55,6 +75,10 @@ def connect(
         n_workers, threads_per_worker = profile.n_workers, profile.threads_per_worker
         memory_limit = profile.memory_limit
     sec = security(profile.tls) if profile is not None else None
+    if profile is not None and profile.kind in ("jobqueue", "kubernetes") and not scheduler:
+        with _batch_client(profile) as client:
+            yield client
+        return
     if scheduler:
         try:
             client = Client(scheduler, timeout="20s", security=sec)

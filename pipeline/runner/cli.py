@@ -58,7 +58,13 @@ def _parser() -> argparse.ArgumentParser:
     val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     val.set_defaults(func=_cmd_validate)
     clus = sub.add_parser("cluster", help="start a local scheduler and workers for notebooks and jobs")
-    clus.add_argument("action", choices=["up"])
+    clus.add_argument(
+        "action",
+        choices=["up", "script"],
+        help="up: start a local cluster; script: "
+        "print the batch job script or Kubernetes resource a --profile builds",
+    )
+    clus.add_argument("--profile", help="cluster profile YAML (for script)")
     clus.add_argument("--workers", type=int, default=2, help="CPU workers (1 thread each)")
     clus.add_argument("--port", type=int, default=8786)
     clus.add_argument("--memory-limit", default="2GiB")
@@ -129,6 +135,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_cluster(args: argparse.Namespace) -> int:
     from pipeline.cluster.up import serve
 
+    if args.action == "script":
+        return _print_cluster_script(args.profile)
+
     serve(
         n_workers=args.workers,
         port=args.port,
@@ -169,6 +178,27 @@ def _cmd_runs(args: argparse.Namespace) -> int:
                 f"    {item['item']:<40} {item['status']:>8}  {item['seconds'] or 0:.1f} s"
                 + (f"  {item['error']}" if item["error"] else "")
             )
+    return 0
+
+
+def _print_cluster_script(path: str | None) -> int:
+    import yaml
+
+    from pipeline.cluster.batch import jobqueue_cluster, kubernetes_spec
+    from pipeline.cluster.profiles import load_profile
+    from pipeline.errors import ConfigError
+
+    profile = load_profile(path) if path else None
+    if profile is None or profile.kind not in ("jobqueue", "kubernetes"):
+        raise ConfigError("segpipe cluster script needs --profile of kind jobqueue or kubernetes")
+    if profile.jobqueue is not None:
+        cluster = jobqueue_cluster(profile.jobqueue)
+        try:
+            print(cluster.job_script())
+        finally:
+            cluster.close()
+    elif profile.kubernetes is not None:
+        print(yaml.safe_dump(kubernetes_spec(profile.kubernetes), sort_keys=False))
     return 0
 
 

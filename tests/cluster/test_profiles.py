@@ -36,3 +36,52 @@ def test_one_gpu_worker_per_device_with_the_gpu_resource() -> None:
     assert specs["gpu-1"]["options"]["env"]["CUDA_VISIBLE_DEVICES"] == "1"
     assert "resources" not in specs["cpu-0"]["options"]
     assert specs["cpu-0"]["options"]["env"]["OMP_NUM_THREADS"] == "1"
+
+
+def test_slurm_profile_builds_a_jobqueue_cluster_without_submitting() -> None:
+    from pipeline.cluster.batch import jobqueue_cluster
+
+    profile = load_profile(CONFIGS / "slurm.yaml")
+    assert profile.jobqueue is not None
+    cluster = jobqueue_cluster(profile.jobqueue)
+    try:
+        script = cluster.job_script()
+        assert "#SBATCH -p normal" in script and "#SBATCH -t 04:00:00" in script
+        assert "--nworkers 8" in script and "--nthreads 1" in script  # 8 single-threaded workers
+        assert "export OMP_NUM_THREADS=1" in script
+        assert len(cluster.workers) == 0  # nothing submitted until scaled
+    finally:
+        cluster.close()
+
+
+def test_gpu_and_pbs_jobqueue_profiles() -> None:
+    from pipeline.cluster.batch import jobqueue_cluster
+
+    gpu = load_profile(CONFIGS / "slurm-gpu.yaml").jobqueue
+    pbs = load_profile(CONFIGS / "pbs.yaml").jobqueue
+    assert gpu is not None and pbs is not None
+    for spec, needles in (
+        (gpu, ["--gres=gpu:4", "--resources GPU=1", "--nworkers 4"]),
+        (pbs, ["#PBS -q workq", "--nworkers 8"]),
+    ):
+        cluster = jobqueue_cluster(spec)
+        try:
+            script = cluster.job_script()
+            assert all(n in script for n in needles), script
+        finally:
+            cluster.close()
+
+
+def test_kubernetes_profile_builds_the_daskcluster_resource() -> None:
+    from pipeline.cluster.batch import kubernetes_spec
+
+    profile = load_profile(CONFIGS / "kubernetes.yaml")
+    assert profile.kubernetes is not None
+    spec = kubernetes_spec(profile.kubernetes.model_copy(update={"gpus_per_worker": 1}))
+    assert spec["kind"] == "DaskCluster" and spec["metadata"]["name"] == "segpipe"
+    worker = spec["spec"]["worker"]
+    container = worker["spec"]["containers"][0]
+    assert worker["replicas"] == 8 and container["image"] == "registry.example.org/segpipe:0.1.0"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert "--nthreads" in container["args"] and "GPU=1" in container["args"]
+    assert {"name": "OMP_NUM_THREADS", "value": "1"} in container["env"]
