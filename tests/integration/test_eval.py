@@ -154,3 +154,18 @@ def test_cli_panoptic_with_segments_tables(client, data: Path, tmp_path: Path) -
         {"pq": 0.5, "sq": 1.0, "rq": 0.5, "tp": 1, "fp": 1, "fn": 1}
     )
     assert res["all"]["pq"] == pytest.approx((stuff_iou + 0.5) / 2) and res["things"]["pq"] == 0.5
+
+
+@pytest.mark.slow
+def test_2gb_raster_confusion_with_1gib_workers(client, tmp_path: Path) -> None:
+    from pipeline.testing import write_raster
+    from tests.integration.test_memory import GIB, PeakRSS
+
+    big = write_raster(tmp_path / "big.tif", (32768, 32768), dtype="uint16", block=1024, seed=3)
+    assert big.stat().st_size >= 2 * GIB
+    assert {w["memory_limit"] for w in client.scheduler_info()["workers"].values()} == {GIB}
+    pids = list(client.run(lambda: __import__("os").getpid()).values())
+    with PeakRSS(pids) as rss:
+        got = evaluate(big, big, client=client, options=EvalOptions(classes=(0, 1, 2)))
+    assert max(rss.peak.values()) < GIB, rss.peak
+    assert got["pixels"] == 32768 * 32768 and got["pixel_accuracy"] == 1.0
