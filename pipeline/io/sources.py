@@ -49,9 +49,20 @@ class ImageSource:
         return zarr_store.read_box(self.path, box, channels=True)
 
     @property
+    def read_unit(self) -> str:
+        """What a read costs: ``region`` (only the box), ``slab`` (whole slices: DICOM) or
+        ``whole`` (the whole file: compressed volumes)."""
+        if self.format != "volume":
+            return "region"
+        if self.path.is_dir():
+            return "slab"
+        return "region" if medical.is_streamable(self.path) else "whole"
+
+    @property
     def streamable(self) -> bool:
         """Whether a region read costs only that region."""
-        return self.format != "volume" or medical.is_streamable(self.path)
+        return self.read_unit == "region"
+
 
 
 def open_source(path: str | Path, *, allow_missing_crs: bool = False) -> ImageSource:

@@ -27,6 +27,7 @@ from pipeline.models.base import CombineFn, PartialFn
 from pipeline.runner import finalize, process
 from pipeline.runner.instances import run_instances
 from pipeline.runner.plan import Plan
+from pipeline.tiling import ChunkSpec
 
 log = logging.getLogger(__name__)
 FAN_IN = 8
@@ -180,37 +181,37 @@ def _timed(result: RunResult, stage: str, fn: Callable[[], Any]) -> Any:
 
 
 def ingest(plan: Plan, client: Client) -> None:
-    """Stream the source into the staging input, window by window."""
+    """Stream the source into the staging input, one read unit (chunk, slab or file) per task."""
     done = zarr_store.CompletionLog(plan.records, "ingest").done()
     todo = [s for s in plan.grid if s.chunk_id not in done]
     if not todo:
         return
     target, token = plan.staging / "input", _token()
-    if not plan.source.streamable:
-        fut = client.submit(
-            process.ingest_whole,
-            plan.source,
-            target,
-            plan.grid,
-            plan.records,
-            key=f"ingest-whole-{_token()}",
-            retries=plan.spec.retries,
-        )
-        _wait_all(plan, {fut: "all"}, "ingest")
-        return
     futures = {
         client.submit(
-            process.ingest_chunk,
+            process.ingest_group,
             plan.source,
             target,
-            s,
+            group,
             plan.records,
-            key=f"ingest-{s.chunk_id}-{token}",
+            key=f"ingest-{group[0].chunk_id}-{token}",
             retries=plan.spec.retries,
-        ): s.chunk_id
-        for s in todo
+        ): group[0].chunk_id
+        for group in ingest_groups(plan.source.read_unit, todo)
     }
     _wait_all(plan, futures, "ingest")
+
+
+def ingest_groups(unit: str, specs: list[ChunkSpec]) -> list[list[ChunkSpec]]:
+    """Chunks read together: one each (``region``), per z index (``slab``), or all (``whole``)."""
+    if unit == "whole":
+        return [specs]
+    if unit == "slab":
+        slabs: dict[int, list[ChunkSpec]] = {}
+        for s in specs:
+            slabs.setdefault(s.index[0], []).append(s)
+        return list(slabs.values())
+    return [[s] for s in specs]
 
 
 def make_reducer(plan: Plan, client: Client) -> Callable[[PartialFn, CombineFn], Any]:

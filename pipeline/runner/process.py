@@ -23,7 +23,7 @@ from pipeline.metrics import tile_row
 from pipeline.models import Segmenter
 from pipeline.models.base import PartialFn
 from pipeline.stitching import crop_to_core
-from pipeline.tiling import ChunkGrid, ChunkSpec
+from pipeline.tiling import Box, ChunkSpec
 
 
 def worker_name() -> str:
@@ -31,24 +31,22 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def ingest_chunk(source: ImageSource, target: Path, spec: ChunkSpec, records: Path) -> str:
-    """Copy one write box of the source into the staging input array."""
-    data = source.read(spec.write)
-    zarr_store.write_box(target, spec.write, data)
-    zarr_store.CompletionLog(records, "ingest").mark(spec.chunk_id, {"chunk_id": spec.chunk_id})
-    return spec.chunk_id
+def ingest_group(source: ImageSource, target: Path, specs: list[ChunkSpec], records: Path) -> int:
+    """Copy the write boxes of ``specs`` into the staging input, reading their union once.
 
-
-def ingest_whole(source: ImageSource, target: Path, grid: ChunkGrid, records: Path) -> int:
-    """Ingest a source that cannot be read by region (a compressed volume) in one task."""
-    from pipeline.tiling import Box
-
-    data = source.read(Box.from_shape(grid.shape))
+    A group is one chunk for region-readable sources, a z-slab of chunks for DICOM series (a
+    slice is read whole) and every chunk for compressed volumes (decoded whole).
+    """
+    start = tuple(min(s.write.start[a] for s in specs) for a in range(specs[0].write.ndim))
+    stop = tuple(max(s.write.stop[a] for s in specs) for a in range(specs[0].write.ndim))
+    union = Box(start, stop)
+    data = source.read(union)
     log = zarr_store.CompletionLog(records, "ingest")
-    for spec in grid:
-        zarr_store.write_box(target, spec.write, data[(slice(None), *spec.write.slices())])
+    for spec in specs:
+        part = data[(slice(None), *spec.write.relative_to(union).slices())]
+        zarr_store.write_box(target, spec.write, part)
         log.mark(spec.chunk_id, {"chunk_id": spec.chunk_id})
-    return len(grid)
+    return len(specs)
 
 
 def read_block(staged: Path, spec: ChunkSpec, edge_mode: str) -> np.ndarray:

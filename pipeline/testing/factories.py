@@ -31,7 +31,21 @@ def smooth_field(seed: int = 0, *, count: int = 1, dtype: str = "uint16") -> Fil
     return fill
 
 
+def blocks_field(seed: int = 0, *, block: int = 256, dtype: str = "uint16") -> Fill:
+    """Cheap bimodal data for big rasters: each ``block`` square is dark or bright, plus noise."""
+
+    def fill(row: int, col: int, h: int, w: int) -> np.ndarray:
+        rr = (np.arange(row, row + h) // block)[:, None]
+        cc = (np.arange(col, col + w) // block)[None, :]
+        bright = ((rr * 7919 + cc * 104729 + seed) % 5) < 2
+        noise = np.random.default_rng((seed, row, col)).normal(0, 300, size=(h, w))
+        return np.clip(np.where(bright, 6000, 2000) + noise, 0, 9000).astype(dtype)[None]
+
+    return fill
+
+
 def write_raster(
+
     path: Path,
     shape: tuple[int, int],
     *,

@@ -11,6 +11,8 @@ import pytest
 import rasterio
 
 from pipeline.testing import write_raster
+from pipeline.testing.factories import blocks_field
+
 from tests.helpers import run
 
 GIB = 1024**3
@@ -46,7 +48,7 @@ class PeakRSS:
 @pytest.mark.slow
 def test_2gb_raster_with_1gib_workers(client, tmp_path) -> None:
     shape = (32768, 32768)  # uint16: 2 GiB of pixels
-    src = write_raster(tmp_path / "big.tif", shape, dtype="uint16", block=1024, seed=7)
+    src = write_raster(tmp_path / "big.tif", shape, dtype="uint16", block=1024, fill=blocks_field(7))
     assert src.stat().st_size >= 2 * GIB
     limits = {w["memory_limit"] for w in client.scheduler_info()["workers"].values()}
     assert limits == {GIB}
