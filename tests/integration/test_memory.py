@@ -12,7 +12,6 @@ import rasterio
 
 from pipeline.testing import write_raster
 from pipeline.testing.factories import blocks_field
-
 from tests.helpers import run
 
 GIB = 1024**3
