@@ -51,6 +51,7 @@ class RunResult:
     chunks_skipped: int = 0
     segmenter: Segmenter | None = None
     failures: dict[str, dict[str, str]] = field(default_factory=dict)
+    diagnostics: dict[str, Any] = field(default_factory=dict)
     instances: dict[str, Any] = field(default_factory=dict)
 
 
@@ -159,6 +160,9 @@ def execute(plan: Plan, client: Client, *, restart: bool = False) -> RunResult:
         result.chunks_computed = len(plan.grid)
     else:
         _timed(result, "segment", lambda: segment(plan, client, fitted, result))
+        result.diagnostics["seam_check"] = _timed(
+            result, "seam_check", lambda: seam_check(plan, client, fitted)
+        )
     if result.failures:
         raise_failures(plan, result.failures)
     _timed(result, "finalize", lambda: result.outputs.update(finalize.finalize(plan, fitted)))
@@ -169,6 +173,7 @@ def execute(plan: Plan, client: Client, *, restart: bool = False) -> RunResult:
         result.timings,
         {"computed": result.chunks_computed, "skipped": result.chunks_skipped},
         result.instances,
+        result.diagnostics,
     )
     return result
 
@@ -259,12 +264,48 @@ def segment(plan: Plan, client: Client, segmenter: Segmenter, result: RunResult)
             seg_future,
             plan.source.geometry,
             plan.records,
+            _reference(plan),
             key=f"segment-{s.chunk_id}-{token}",
             retries=plan.spec.retries,
         ): s.chunk_id
         for s in todo
     }
     _wait_all(plan, futures, "segment", result.failures)
+
+
+def seam_check(plan: Plan, client: Client, segmenter: Segmenter) -> dict[str, Any]:
+    """Re-segment windows centred on chunk corners on their own; count pixels that differ."""
+    windows = [plan.grid.window(box) for box in plan.grid.seam_windows()]
+    if not windows:
+        return {"windows": 0, "pixels": 0, "differing": 0}
+    nodata = getattr(plan.source.geometry, "nodata", None)
+    futures = [
+        client.submit(
+            process.window_check,
+            plan.staging / "input",
+            plan.staging / "labels",
+            w,
+            plan.grid.edge_mode,
+            nodata,
+            segmenter,
+            pure=False,
+        )
+        for w in windows
+    ]
+    checks = client.gather(futures)
+    return {
+        "windows": len(checks),
+        "pixels": sum(c["pixels"] for c in checks),
+        "differing": sum(c["differing"] for c in checks),
+        "details": checks,
+    }
+
+
+def _reference(plan: Plan) -> process.Reference | None:
+    ref = plan.spec.reference
+    if plan.reference is None or ref is None:
+        return None
+    return process.Reference(plan.reference, ref.band, ref.ignore, ref.seam_band, plan.grid.shape)
 
 
 def _token() -> str:

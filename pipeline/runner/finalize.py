@@ -20,6 +20,7 @@ from pipeline.data.geometry import GeoRef, VolumeRef
 from pipeline.io import geo, medical, tables, vector, zarr_store
 from pipeline.io.quicklook import write_quicklook
 from pipeline.metrics import write_tile_table
+from pipeline.metrics.tiles import seam_scores
 from pipeline.models import Segmenter
 from pipeline.runner.plan import Plan
 from pipeline.runner.spec import dump_job
@@ -144,6 +145,7 @@ def write_summary(
     timings: dict[str, float],
     chunks: dict[str, int],
     instances: dict[str, Any] | None = None,
+    diagnostics: dict[str, Any] | None = None,
 ) -> Path:
     """The job summary JSON, written last: its ``status: complete`` marks a finished run."""
     summary = {
@@ -174,11 +176,29 @@ def write_summary(
             **chunks,
         },
         "instances": instances or None,
+        **(diagnostics or {}),
+        **_reference_summary(plan, segmenter),
         "timings_s": timings,
         "outputs": outputs,
         "versions": _versions(),
     }
     return _atomic_text(plan.out / "summary.json", json.dumps(summary, indent=2, default=str))
+
+
+def _reference_summary(plan: Plan, segmenter: Segmenter) -> dict[str, Any]:
+    """Scores against the job's reference: overall, in the band around seams, inside tiles."""
+    if plan.spec.reference is None:
+        return {}
+    rows = zarr_store.CompletionLog(plan.records, "segment").rows()
+    scores = seam_scores(rows, segmenter.classes, segmenter.nodata_label)
+    return {
+        "reference": {
+            "path": plan.spec.reference.path,
+            "ignore": plan.spec.reference.ignore,
+            "seam_band_px": plan.spec.reference.seam_band,
+            **scores,
+        }
+    }
 
 
 def write_failure(plan: Plan, failures: dict[str, dict[str, str]]) -> Path:

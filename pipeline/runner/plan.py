@@ -11,7 +11,9 @@ from typing import Any, Literal
 
 import pipeline.models.classical  # noqa: F401  (registers the classical segmenters)
 from pipeline import __version__
-from pipeline.errors import ConfigError, HaloTooSmallError
+from pipeline.data.geometry import check_same_geometry
+from pipeline.errors import ConfigError, GeometryMismatchError, HaloTooSmallError
+from pipeline.io.geo import same_crs
 from pipeline.io.sources import ImageSource, open_source
 from pipeline.models import ImageInfo, Segmenter, create_segmenter
 from pipeline.runner.spec import JobSpec, confine_output
@@ -33,6 +35,7 @@ class Plan:
     grid: ChunkGrid
     out: Path
     fingerprint: str
+    reference: ImageSource | None = None
 
     @property
     def kind(self) -> str:
@@ -69,7 +72,28 @@ def make_plan(spec: JobSpec) -> Plan:
     halo = _halo(spec, segmenter)
     grid = ChunkGrid.build(source.spatial_shape, spec.tiling.chunk, halo, spec.tiling.edge_mode)
     out = Path(spec.output.dir or "")
-    return Plan(spec, source, segmenter, grid, out, fingerprint(spec, source, grid))
+    reference = _reference(spec, source, segmenter)
+    return Plan(spec, source, segmenter, grid, out, fingerprint(spec, source, grid), reference)
+
+
+def _reference(spec: JobSpec, source: ImageSource, segmenter: Segmenter) -> ImageSource | None:
+    """The reference labels, checked to lie on the input's grid."""
+    if spec.reference is None:
+        return None
+    if segmenter.kind != "semantic":
+        raise ConfigError(
+            "reference: per-tile scores are for semantic jobs; score instance and panoptic "
+            "outputs with `segpipe eval PRED REF --kind instance|panoptic`"
+        )
+    ref = open_source(spec.reference.path, allow_missing_crs=spec.input.allow_missing_crs)
+    what = f"reference.path {ref.path}"
+    check_same_geometry(source.geometry, ref.geometry, what=what, same_crs=same_crs)
+    if ref.spatial_shape != source.spatial_shape or spec.reference.band > ref.shape[0]:
+        raise GeometryMismatchError(
+            f"{what}: shape {ref.shape} does not match the input's "
+            f"{source.shape} (or band {spec.reference.band} is missing)"
+        )
+    return ref
 
 
 def _check_formats(spec: JobSpec, kind: str) -> None:

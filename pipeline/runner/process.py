@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from pipeline.errors import PipelineError
 from pipeline.io import zarr_store
 from pipeline.io.sources import ImageSource
 from pipeline.metrics import tile_row
+from pipeline.metrics.tiles import reference_row, seam_band
 from pipeline.models import Segmenter
 from pipeline.models.base import PartialFn
 from pipeline.stitching import crop_to_core
@@ -82,6 +84,23 @@ def combine_many(combine: Any, *parts: Any) -> Any:
     return acc
 
 
+@dataclass(frozen=True)
+class Reference:
+    """Reference labels scored per tile (paths and small values only: it goes into the graph)."""
+
+    source: ImageSource
+    band: int
+    ignore: int | None
+    seam_band: int
+    shape: tuple[int, ...]
+
+    def seams(self, spec: ChunkSpec) -> tuple[tuple[bool, bool], ...]:
+        """Per axis, whether the write box shares its (start, stop) edge with a neighbour."""
+        return tuple(
+            (a > 0, b < s) for a, b, s in zip(spec.write.start, spec.write.stop, self.shape, strict=True)
+        )
+
+
 def segment_chunk(
     staged: Path,
     labels_path: Path,
@@ -91,6 +110,7 @@ def segment_chunk(
     segmenter: Segmenter,
     geometry: Geometry,
     records: Path,
+    reference: Reference | None = None,
 ) -> dict[str, Any]:
     """Segment one chunk, write its write box, record completion; return its metrics row."""
     t0 = time.perf_counter()
@@ -112,6 +132,40 @@ def segment_chunk(
         geometry,
         nodata_label=segmenter.nodata_label,
     )
+    if reference is not None:
+        ref = reference.source.read(spec.write)[reference.band - 1]
+        band = seam_band(spec.write.shape, reference.seams(spec), reference.seam_band)
+        row.update(
+            reference_row(
+                core,
+                ref,
+                segmenter.classes,
+                ignore=reference.ignore,
+                nodata_label=segmenter.nodata_label,
+                band=band,
+            )
+        )
     row.update(seconds=time.perf_counter() - t0, worker=worker_name(), status="done")
     zarr_store.CompletionLog(records, "segment").mark(spec.chunk_id, row)
     return row
+
+
+def window_check(
+    staged: Path,
+    labels_path: Path,
+    spec: ChunkSpec,
+    edge_mode: str,
+    nodata: float | None,
+    segmenter: Segmenter,
+) -> dict[str, Any]:
+    """Segment a window straddling seams on its own and count pixels that differ from the stitched map."""
+    block = read_block(staged, spec, edge_mode)
+    labels = segmenter.run(block, valid_mask(block, nodata), spec.context(padded=edge_mode != "clip"))
+    own = crop_to_core(labels, spec, padded=edge_mode != "clip")
+    stitched = zarr_store.read_box(labels_path, spec.write)
+    return {
+        "start": list(spec.write.start),
+        "stop": list(spec.write.stop),
+        "pixels": int(own.size),
+        "differing": int(np.count_nonzero(own != stitched)),
+    }

@@ -28,6 +28,17 @@ class InputSpec(_Strict):
     asset: str = Field("image", description="STAC input: the asset key of each item's raster")
 
 
+class ReferenceSpec(_Strict):
+    path: str = Field(
+        description="reference label raster/volume on the input's grid (relative to the job file)"
+    )
+    band: int = Field(1, ge=1)
+    ignore: int | None = Field(None, description="reference value not scored (e.g. -1 or 255)")
+    seam_band: int = Field(
+        8, ge=1, description="width in pixels of the band around seams for seam diagnostics"
+    )
+
+
 class SegmenterSpec(_Strict):
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
@@ -64,6 +75,7 @@ class JobSpec(_Strict):
     output: OutputSpec = Field(default_factory=OutputSpec)  # type: ignore[arg-type]
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)  # type: ignore[arg-type]
     retries: int = Field(2, ge=0)
+    reference: ReferenceSpec | None = None
 
 
 def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
@@ -130,12 +142,16 @@ def resolve_paths(spec: JobSpec, *, base: Path) -> JobSpec:
     inp = Path(spec.input.path).expanduser()
     resolved = (inp if inp.is_absolute() else base / inp).resolve()
     out = Path(spec.output.dir or Path("outputs") / spec.name).expanduser().resolve()
+    reference = spec.reference
+    if reference is not None and not Path(reference.path).is_absolute():
+        reference = reference.model_copy(update={"path": str((base / reference.path).resolve())})
     profile = spec.cluster.profile
     if profile and not Path(profile).is_absolute():
         profile = str((base / profile).resolve())
     return spec.model_copy(
         update={
             "cluster": spec.cluster.model_copy(update={"profile": profile}),
+            "reference": reference,
             "input": spec.input.model_copy(update={"path": str(resolved)}),
             "output": spec.output.model_copy(update={"dir": str(out)}),
         }

@@ -153,7 +153,10 @@ class ChunkGrid:
         """The :class:`ChunkSpec` at grid position ``index``."""
         start = tuple(i * c for i, c in zip(index, self.chunk, strict=True))
         stop = tuple(min(a + c, s) for a, c, s in zip(start, self.chunk, self.shape, strict=True))
-        write = Box(start, stop)
+        return self.window(Box(start, stop), index=tuple(int(i) for i in index))
+
+    def window(self, write: Box, *, index: tuple[int, ...] = ()) -> ChunkSpec:
+        """A :class:`ChunkSpec` writing ``write`` (any box in the image) with this grid's halo."""
         wanted = write.grow(self.halo)
         read = wanted.intersect(Box.from_shape(self.shape))
         pad = tuple(
@@ -161,7 +164,24 @@ class ChunkGrid:
             for w0, w1, r0, r1 in zip(wanted.start, wanted.stop, read.start, read.stop, strict=True)
         )
         cut = tuple((a > 0, b < s) for a, b, s in zip(read.start, read.stop, self.shape, strict=True))
-        return ChunkSpec(tuple(int(i) for i in index), read, write, pad, cut)
+        return ChunkSpec(index or (-1,), read, write, pad, cut)
+
+    def seam_windows(self, count: int = 4, size: int = 128) -> list[Box]:
+        """Up to ``count`` boxes of side ``size`` centred on interior chunk corners (spread out)."""
+        corners = [c for c in itertools.product(*(range(1, n) for n in self.counts))]
+        if not corners:
+            return []
+        picks = [
+            corners[round(i * (len(corners) - 1) / max(count - 1, 1))]
+            for i in range(min(count, len(corners)))
+        ]
+        boxes = []
+        for corner in dict.fromkeys(picks):
+            centre = [i * c for i, c in zip(corner, self.chunk, strict=True)]
+            start = tuple(max(0, m - size // 2) for m in centre)
+            stop = tuple(min(s, a + size) for a, s in zip(start, self.shape, strict=True))
+            boxes.append(Box(start, stop))
+        return boxes
 
     def write_chunks(self) -> tuple[int, ...]:
         """Chunk shape for the staging store (aligned with the write boxes)."""
