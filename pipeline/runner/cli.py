@@ -83,6 +83,10 @@ def _parser() -> argparse.ArgumentParser:
     segs.add_argument("--json", action="store_true", help="machine-readable output")
     segs.set_defaults(func=_cmd_segmenters)
     _eval_parser(sub)
+    rep = sub.add_parser("report", help="HTML report (with PNG figures) of a finished run folder")
+    rep.add_argument("run_dir", help="a run's output folder (holding summary.json)")
+    rep.add_argument("--eval", dest="eval_dir", help="a folder written by segpipe eval --out")
+    rep.set_defaults(func=_cmd_report)
     return parser
 
 
@@ -271,6 +275,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.out:
         for name, path in write_report(metrics, Path(args.out)).items():
             print(f"  {name:>4}: {path}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.runner.report import write_run_report
+
+    print(write_run_report(args.run_dir, eval_dir=args.eval_dir))
     return 0
 
 
