@@ -8,12 +8,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data import valid_mask
 from pipeline.data.geometry import Geometry
 from pipeline.io import zarr_store
 from pipeline.metrics.objects import object_partials
 from pipeline.models import Segmenter
-from pipeline.runner.process import read_block, worker_name
+from pipeline.runner.process import segment_block, worker_name
 from pipeline.stitching import crop_to_core
 from pipeline.stitching.instance import Relabel, label_classes, overlap_pairs, seam_pairs
 from pipeline.tiling import Box, ChunkGrid, ChunkSpec
@@ -31,9 +30,7 @@ def label_chunk(
 ) -> dict[str, Any]:
     """Label one chunk's core with chunk-local ids 1..n; keep what seams and relabel need."""
     t0 = time.perf_counter()
-    block = read_block(staged, spec, edge_mode)
-    valid = valid_mask(block, nodata)
-    out = segmenter.run(block, valid, spec.context(padded=edge_mode != "clip"))
+    out, valid = segment_block(staged, spec, edge_mode, nodata, segmenter)
     padded = edge_mode != "clip"
     if segmenter.merge == "touch":
         core_classes = crop_to_core(out, spec, padded=padded)

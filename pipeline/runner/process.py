@@ -56,6 +56,21 @@ def read_block(staged: Path, spec: ChunkSpec, edge_mode: str) -> np.ndarray:
     return spec.pad_block(zarr_store.read_box(staged, spec.read, channels=True), edge_mode)
 
 
+def segment_block(
+    staged: Path, spec: ChunkSpec, edge_mode: str, nodata: float | None, segmenter: Segmenter
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run ``segmenter`` on the chunk's read block: ``(output over the block, valid mask)``."""
+    block = read_block(staged, spec, edge_mode)
+    valid = valid_mask(block, nodata)
+    out = segmenter.run(block, valid, spec.context(padded=edge_mode != "clip"))
+    if out.shape != block.shape[1:]:
+        raise PipelineError(
+            f"chunk {spec.chunk_id}: segmenter {segmenter.name!r} returned shape "
+            f"{out.shape} for a block of spatial shape {block.shape[1:]}"
+        )
+    return out, valid
+
+
 def reduce_chunks(
     staged: Path,
     specs: list[ChunkSpec],
@@ -114,13 +129,7 @@ def segment_chunk(
 ) -> dict[str, Any]:
     """Segment one chunk, write its write box, record completion; return its metrics row."""
     t0 = time.perf_counter()
-    block = read_block(staged, spec, edge_mode)
-    labels = segmenter.run(block, valid_mask(block, nodata), spec.context(padded=edge_mode != "clip"))
-    if labels.shape != block.shape[1:]:
-        raise PipelineError(
-            f"chunk {spec.chunk_id}: segmenter {segmenter.name!r} returned shape "
-            f"{labels.shape} for a block of spatial shape {block.shape[1:]}"
-        )
+    labels, _ = segment_block(staged, spec, edge_mode, nodata, segmenter)
     core = crop_to_core(labels, spec, padded=edge_mode != "clip")
     zarr_store.write_box(labels_path, spec.write, core)
     row = tile_row(
@@ -159,8 +168,7 @@ def window_check(
     segmenter: Segmenter,
 ) -> dict[str, Any]:
     """Segment a window straddling seams on its own and count pixels that differ from the stitched map."""
-    block = read_block(staged, spec, edge_mode)
-    labels = segmenter.run(block, valid_mask(block, nodata), spec.context(padded=edge_mode != "clip"))
+    labels, _ = segment_block(staged, spec, edge_mode, nodata, segmenter)
     own = crop_to_core(labels, spec, padded=edge_mode != "clip")
     stitched = zarr_store.read_box(labels_path, spec.write)
     return {

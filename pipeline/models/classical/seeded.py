@@ -21,14 +21,12 @@ from pipeline.errors import ConfigError
 from pipeline.models.base import (
     ImageInfo,
     MergePolicy,
-    Reducer,
     Segmenter,
     SegmenterParams,
-    create_segmenter,
     register,
 )
 from pipeline.models.classical.components import InnerSpec
-from pipeline.models.classical.threshold import resolve_band
+from pipeline.models.classical.watershed import MaskedInstances
 from pipeline.tiling import BlockContext
 
 
@@ -52,47 +50,32 @@ class SeededParams(SegmenterParams):
 
 
 @register
-class Seeded(Segmenter):
+class Seeded(MaskedInstances):
     """Marker watershed from point prompts in world coordinates; instance ids = prompt ids."""
 
     name = "seeded"
-    kind = "instance"
     merge: ClassVar[MergePolicy] = "none"
-    uses_context: ClassVar[bool] = True
     summary = "seeded watershed from point prompts in world coordinates (CRS, lon/lat, mm)"
-    halo_rule: ClassVar[str] = "mask halo + max_object_size"
     Params = SeededParams
     params: SeededParams
 
     def __init__(self, params: SegmenterParams, info: ImageInfo, mask: Segmenter | None = None) -> None:
-        super().__init__(params, info)
-        self.mask_segmenter = mask or create_segmenter(self.params.mask.name, self.params.mask.params, info)
-        self.band_index = resolve_band(self.params.band, info)
+        super().__init__(params, info, mask)
         self.seeds = prompt_indices(self.params, info)
         self.ids = np.array([p.id or i + 1 for i, p in enumerate(self.params.points)], dtype=np.uint64)
 
-    @property
-    def halo(self) -> int:
-        return self.mask_segmenter.halo + self.params.max_object_size
-
-    @property
-    def classes(self) -> dict[int, str]:
-        return {0: "background", 1: "object"}
-
-    def fit(self, reduce: Reducer) -> Seeded:
-        return Seeded(self.params, self.info, self.mask_segmenter.fit(reduce))
-
     def fitted_values(self) -> dict[str, Any]:
-        return {"seeds_index": self.seeds.tolist(), **self.mask_segmenter.fitted_values()}
+        return {"seeds_index": self.seeds.tolist(), **super().fitted_values()}
 
     def __call__(self, block: np.ndarray, valid: np.ndarray, ctx: BlockContext | None = None) -> np.ndarray:
         origin = np.asarray(ctx.origin if ctx else (0,) * valid.ndim)
-        mask = np.isin(self.mask_segmenter.run(block, valid, ctx), self.params.mask_classes)
         local = self.seeds - origin
         inside = np.all((local >= 0) & (local < np.asarray(valid.shape)), axis=1)
         markers = np.zeros(valid.shape, dtype=np.int64)
         markers[tuple(local[inside].T)] = np.flatnonzero(inside) + 1
-        return seeded_flood(mask, markers, block[self.band_index], self.params.flood, self.ids)
+        return seeded_flood(
+            self.mask(block, valid, ctx), markers, block[self.band_index], self.params.flood, self.ids
+        )
 
 
 def seeded_flood(

@@ -27,6 +27,7 @@ from pipeline.models.base import (
 )
 from pipeline.models.classical.components import InnerSpec
 from pipeline.models.classical.threshold import resolve_band
+from pipeline.tiling import BlockContext
 
 
 class WatershedParams(SegmenterParams):
@@ -42,23 +43,21 @@ class WatershedParams(SegmenterParams):
     iou_threshold: float = Field(0.5, gt=0, le=1, description="seam match: IoU in the halo overlap")
 
 
-@register
-class Watershed(Segmenter):
-    """Marker-controlled watershed: touching objects separated; instance output."""
+class MaskedInstances(Segmenter):
+    """Base of instance segmenters that flood a mask given by an inner semantic segmenter.
 
-    name = "watershed"
+    Parameters need ``mask``, ``mask_classes``, ``band`` and ``max_object_size`` (the halo
+    added to the mask's: objects up to that extent are seen whole by every chunk they touch).
+    """
+
     kind = "instance"
-    merge: ClassVar[MergePolicy] = "overlap"
-    summary = "watershed of a mask, markers from distance peaks or gradient minima"
+    uses_context: ClassVar[bool] = True
     halo_rule: ClassVar[str] = "mask halo + max_object_size"
-    Params = WatershedParams
-    params: WatershedParams
+    params: Any
 
     def __init__(self, params: SegmenterParams, info: ImageInfo, mask: Segmenter | None = None) -> None:
         super().__init__(params, info)
         self.mask_segmenter = mask or create_segmenter(self.params.mask.name, self.params.mask.params, info)
-        if self.params.connectivity > info.spatial_ndim:
-            raise ConfigError(f"segmenter.params.connectivity must be <= {info.spatial_ndim}")
         self.band_index = resolve_band(self.params.band, info)
 
     @property
@@ -69,6 +68,32 @@ class Watershed(Segmenter):
     def classes(self) -> dict[int, str]:
         return {0: "background", 1: "object"}
 
+    def fit(self, reduce: Reducer) -> MaskedInstances:
+        return type(self)(self.params, self.info, self.mask_segmenter.fit(reduce))
+
+    def fitted_values(self) -> dict[str, Any]:
+        return self.mask_segmenter.fitted_values()
+
+    def mask(self, block: np.ndarray, valid: np.ndarray, ctx: BlockContext | None) -> np.ndarray:
+        """The foreground to flood: the inner segmenter's ``mask_classes``."""
+        return np.isin(self.mask_segmenter.run(block, valid, ctx), self.params.mask_classes)
+
+
+@register
+class Watershed(MaskedInstances):
+    """Marker-controlled watershed: touching objects separated; instance output."""
+
+    name = "watershed"
+    merge: ClassVar[MergePolicy] = "overlap"
+    summary = "watershed of a mask, markers from distance peaks or gradient minima"
+    Params = WatershedParams
+    params: WatershedParams
+
+    def __init__(self, params: SegmenterParams, info: ImageInfo, mask: Segmenter | None = None) -> None:
+        super().__init__(params, info, mask)
+        if self.params.connectivity > info.spatial_ndim:
+            raise ConfigError(f"segmenter.params.connectivity must be <= {info.spatial_ndim}")
+
     @property
     def connectivity(self) -> int:
         return self.params.connectivity
@@ -77,18 +102,8 @@ class Watershed(Segmenter):
     def iou_threshold(self) -> float:
         return self.params.iou_threshold
 
-    def fit(self, reduce: Reducer) -> Watershed:
-        return Watershed(self.params, self.info, self.mask_segmenter.fit(reduce))
-
-    def fitted_values(self) -> dict[str, Any]:
-        return self.mask_segmenter.fitted_values()
-
-    uses_context: ClassVar[bool] = True
-
-    def __call__(self, block: np.ndarray, valid: np.ndarray, ctx: Any = None) -> np.ndarray:
-        mask = np.isin(self.mask_segmenter.run(block, valid, ctx), self.params.mask_classes)
-
-        return watershed_instances(mask, block[self.band_index], self.params)
+    def __call__(self, block: np.ndarray, valid: np.ndarray, ctx: BlockContext | None = None) -> np.ndarray:
+        return watershed_instances(self.mask(block, valid, ctx), block[self.band_index], self.params)
 
 
 def watershed_instances(mask: np.ndarray, image: np.ndarray, p: WatershedParams) -> np.ndarray:
