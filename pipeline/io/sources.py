@@ -64,7 +64,6 @@ class ImageSource:
         return self.read_unit == "region"
 
 
-
 def open_source(path: str | Path, *, allow_missing_crs: bool = False) -> ImageSource:
     """Inspect ``path`` (headers only) and return its :class:`ImageSource`."""
     p = Path(path)

@@ -45,7 +45,6 @@ def blocks_field(seed: int = 0, *, block: int = 256, dtype: str = "uint16") -> F
 
 
 def write_raster(
-
     path: Path,
     shape: tuple[int, int],
     *,
