@@ -44,23 +44,82 @@ def jobqueue_cluster(spec: JobqueueSpec) -> Any:
 
 
 def kubernetes_spec(spec: KubernetesSpec) -> dict[str, Any]:
-    """The DaskCluster resource for the dask-kubernetes operator (single-threaded workers)."""
-    try:
-        from dask_kubernetes.operator import make_cluster_spec
-    except ImportError as e:
-        raise ConfigError("kind: kubernetes needs dask-kubernetes: pip install 'segpipe[clusters]'") from e
-    resources: dict[str, dict[str, str]] = {
-        "requests": {"cpu": spec.cpu, "memory": spec.memory},
-        "limits": {"cpu": spec.cpu, "memory": spec.memory},
+    """The DaskCluster resource (``kubernetes.dask.org/v1``) for the dask-kubernetes operator.
+
+    Built here as plain data, so a profile can be checked and printed without a Kubernetes
+    client; running it needs ``pip install 'segpipe[clusters]'`` and the operator in the cluster.
+    """
+    limits = {"cpu": spec.cpu, "memory": spec.memory}
+    if spec.gpus_per_worker:
+        limits["nvidia.com/gpu"] = str(spec.gpus_per_worker)
+    env = [{"name": k, "value": "1"} for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")]
+    worker_args = [
+        "dask-worker",
+        "--name",
+        "$(DASK_WORKER_NAME)",
+        "--nthreads",
+        "1",
+        "--dashboard",
+        "--dashboard-address",
+        "8788",
+    ]
+    if spec.gpus_per_worker:
+        worker_args += ["--resources", f"GPU={spec.gpus_per_worker}"]
+    health = {"httpGet": {"port": "http-dashboard", "path": "/health"}}
+    return {
+        "apiVersion": "kubernetes.dask.org/v1",
+        "kind": "DaskCluster",
+        "metadata": {"name": spec.name},
+        "spec": {
+            "idleTimeout": 0,
+            "worker": {
+                "replicas": spec.n_workers,
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "worker",
+                            "image": spec.image,
+                            "args": worker_args,
+                            "env": env,
+                            "resources": {
+                                "requests": {"cpu": spec.cpu, "memory": spec.memory},
+                                "limits": limits,
+                            },
+                            "ports": [{"name": "http-dashboard", "containerPort": 8788, "protocol": "TCP"}],
+                        }
+                    ]
+                },
+            },
+            "scheduler": {
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "scheduler",
+                            "image": spec.image,
+                            "args": ["dask-scheduler", "--host", "0.0.0.0"],
+                            "env": env,
+                            "ports": [
+                                {"name": "tcp-comm", "containerPort": 8786, "protocol": "TCP"},
+                                {"name": "http-dashboard", "containerPort": 8787, "protocol": "TCP"},
+                            ],
+                            "readinessProbe": {**health, "initialDelaySeconds": 0, "periodSeconds": 1},
+                            "livenessProbe": {**health, "initialDelaySeconds": 15, "periodSeconds": 20},
+                        }
+                    ]
+                },
+                "service": {
+                    "type": "ClusterIP",
+                    "selector": {"dask.org/cluster-name": spec.name, "dask.org/component": "scheduler"},
+                    "ports": [
+                        {"name": "tcp-comm", "protocol": "TCP", "port": 8786, "targetPort": "tcp-comm"},
+                        {
+                            "name": "http-dashboard",
+                            "protocol": "TCP",
+                            "port": 8787,
+                            "targetPort": "http-dashboard",
+                        },
+                    ],
+                },
+            },
+        },
     }
-    if spec.gpus_per_worker:
-        resources["limits"]["nvidia.com/gpu"] = str(spec.gpus_per_worker)
-    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-    cluster = make_cluster_spec(
-        name=spec.name, image=spec.image, n_workers=spec.n_workers, resources=resources, env=env
-    )
-    worker = cluster["spec"]["worker"]["spec"]["containers"][0]
-    worker["args"] = [*worker.get("args", []), "--nthreads", "1"]
-    if spec.gpus_per_worker:
-        worker["args"] += ["--resources", f"GPU={spec.gpus_per_worker}"]
-    return dict(cluster)
