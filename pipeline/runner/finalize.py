@@ -18,6 +18,7 @@ import pandas as pd
 
 from pipeline.data.geometry import GeoRef, VolumeRef
 from pipeline.io import geo, medical, tables, vector, zarr_store
+from pipeline.io.ome_zarr import write_ome_zarr
 from pipeline.io.quicklook import write_quicklook
 from pipeline.metrics import write_tile_table
 from pipeline.metrics.tiles import seam_scores
@@ -53,6 +54,9 @@ def finalize(plan: Plan, segmenter: Segmenter) -> dict[str, str]:
         if fmt in formats and isinstance(plan.source.geometry, VolumeRef):
             data = zarr_store.read_box(labels, Box.from_shape(plan.source.spatial_shape))
             outputs[fmt] = str(medical.write_volume(plan.out / f"labels{suffix}", data, plan.source.geometry))
+    if "ome-zarr" in formats and isinstance(plan.source.geometry, VolumeRef):
+        outputs["ome-zarr"] = str(write_ome_zarr(plan.out / "labels.ome.zarr", plan.staging / "input", labels,
+                                                 plan.source.geometry, chunk=plan.grid.chunk))
     if "png" in formats:
         outputs["png"] = str(
             write_quicklook(

@@ -21,7 +21,7 @@ from pipeline.tiling import ChunkGrid
 
 FORMATS_BY_KIND = {
     "raster": {"zarr", "cog", "png", "gpkg", "geoparquet"},
-    "volume": {"zarr", "nifti", "mha", "png"},
+    "volume": {"zarr", "nifti", "mha", "ome-zarr", "png"},
 }
 
 

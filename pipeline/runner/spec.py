@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pipeline.errors import ConfigError, ReadError
 from pipeline.tiling.grid import EdgeMode
 
-OutputFormat = Literal["zarr", "cog", "nifti", "mha", "png", "gpkg", "geoparquet"]
+OutputFormat = Literal["zarr", "cog", "nifti", "mha", "ome-zarr", "png", "gpkg", "geoparquet"]
 
 
 class _Strict(BaseModel):
