@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,9 @@ import zarr
 
 from pipeline.data.geometry import VolumeRef
 from pipeline.io import zarr_store
-from pipeline.stitching.pyramid import downsample_mean, downsample_mode
 from pipeline.tiling import Box, ChunkGrid
 
+Reduce = Callable[[np.ndarray], np.ndarray]
 NGFF = "0.5"
 AXES = [{"name": a, "type": "space", "unit": "millimeter"} for a in ("z", "y", "x")]
 
@@ -40,21 +41,26 @@ def write_ome_zarr(
     ref: VolumeRef,
     *,
     chunk: tuple[int, ...],
+    reduce_image: Reduce,
+    reduce_labels: Reduce,
     name: str = "segmentation",
 ) -> Path:
-    """Write ``path`` (``*.ome.zarr``) from the staging image and label arrays; atomic rename."""
+    """Write ``path`` (``*.ome.zarr``) from the staging image and label arrays; atomic rename.
+
+    ``reduce_image`` / ``reduce_labels`` halve a block (mean / mode kernels from stitching).
+    """
     tmp = path.with_name(f".tmp-{path.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
     shape = tuple(zarr.open_array(store=str(labels), mode="r").shape)
     n = levels_for(shape)
-    _pyramid(root, image, n, chunk, downsample_mean, channel=True)
+    _pyramid(root, image, n, chunk, reduce_image, channel=True)
     root.attrs["ome"] = {"version": NGFF, "multiscales": [_multiscale("image", n, ref)]}
     root.attrs["segpipe"] = {"direction_zyx": [list(r) for r in ref.direction_zyx]}
     group = root.create_group("labels")
     group.attrs["ome"] = {"version": NGFF, "labels": [name]}
     lab = group.create_group(name)
-    _pyramid(lab, labels, n, chunk, downsample_mode, channel=False)
+    _pyramid(lab, labels, n, chunk, reduce_labels, channel=False)
     lab.attrs["ome"] = {
         "version": NGFF,
         "multiscales": [_multiscale(name, n, ref)],

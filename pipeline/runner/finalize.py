@@ -25,6 +25,7 @@ from pipeline.metrics.tiles import seam_scores
 from pipeline.models import Segmenter
 from pipeline.runner.plan import Plan
 from pipeline.runner.spec import dump_job
+from pipeline.stitching.pyramid import downsample_mean, downsample_mode
 from pipeline.tiling import Box
 
 LIBRARIES = (
@@ -55,8 +56,17 @@ def finalize(plan: Plan, segmenter: Segmenter) -> dict[str, str]:
             data = zarr_store.read_box(labels, Box.from_shape(plan.source.spatial_shape))
             outputs[fmt] = str(medical.write_volume(plan.out / f"labels{suffix}", data, plan.source.geometry))
     if "ome-zarr" in formats and isinstance(plan.source.geometry, VolumeRef):
-        outputs["ome-zarr"] = str(write_ome_zarr(plan.out / "labels.ome.zarr", plan.staging / "input", labels,
-                                                 plan.source.geometry, chunk=plan.grid.chunk))
+        outputs["ome-zarr"] = str(
+            write_ome_zarr(
+                plan.out / "labels.ome.zarr",
+                plan.staging / "input",
+                labels,
+                plan.source.geometry,
+                chunk=plan.grid.chunk,
+                reduce_image=downsample_mean,
+                reduce_labels=downsample_mode,
+            )
+        )
     if "png" in formats:
         outputs["png"] = str(
             write_quicklook(
