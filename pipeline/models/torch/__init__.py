@@ -1,0 +1,1 @@
+"""Learned segmenters (torch): weight loading; networks and inference come with the U-Net work."""
