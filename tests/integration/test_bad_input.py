@@ -25,6 +25,7 @@ from pipeline.data import GeoRef, wrap_image
 from pipeline.errors import (
     ChunkFailedError,
     ChunkTooSmallError,
+    GeometryMismatchError,
     ConfigError,
     HaloTooSmallError,
     InvalidImageError,
@@ -76,11 +77,13 @@ def _text_as_tif(tmp: Path, data: Path) -> Path:
 def _zarr(shape: tuple[int, ...], *, write: bool = True) -> Callable[[Path, Path], Path]:
     def make(tmp: Path, data: Path) -> Path:
         path = tmp / "odd.zarr"
-        create_array(path, shape=shape, chunks=tuple(max(1, min(s, 64)) for s in shape), dtype="uint8",
-                     geometry=RASTER)
+        create_array(
+            path, shape=shape, chunks=tuple(max(1, min(s, 64)) for s in shape), dtype="uint8", geometry=RASTER
+        )
         if write:
             zarr.open_array(store=str(path), mode="r+")[...] = np.ones(shape, "uint8")
         return path
+
     return make
 
 
@@ -95,8 +98,9 @@ def _no_crs(tmp: Path, data: Path) -> Path:
 
 
 def _all_nodata(tmp: Path, data: Path) -> Path:
-    return write_raster(tmp / "empty.tif", (64, 64), nodata=0,
-                        fill=lambda r, c, h, w: np.zeros((1, h, w), np.uint16))
+    return write_raster(
+        tmp / "empty.tif", (64, 64), nodata=0, fill=lambda r, c, h, w: np.zeros((1, h, w), np.uint16)
+    )
 
 
 def _non_finite(tmp: Path, data: Path) -> Path:
@@ -104,6 +108,7 @@ def _non_finite(tmp: Path, data: Path) -> Path:
         out = np.full((1, h, w), np.nan, np.float32)
         out[0, ::2] = np.inf
         return out
+
     return write_raster(tmp / "nan_inf.tif", (64, 64), dtype="float32", fill=fill)
 
 
@@ -126,41 +131,91 @@ CATALOGUE: dict[str, Case] = {
     "text file named .tif": Case(_text_as_tif, ReadError, ["notes.tif", "not a readable raster"]),
     "1-D data": Case(_zarr((7,)), InvalidImageError, ["odd.zarr", "0-D data is not supported", "Squeeze"]),
     "5-D data": Case(_zarr((2, 3, 4, 5, 6)), InvalidImageError, ["odd.zarr", "4-D data", "Squeeze"]),
-    "4-D NIfTI": Case(_nifti_4d, InvalidImageError, ["series4d.nii.gz", "4-D", "3-D"], "threshold",
-                      {"value": 0}, [2, 2, 2]),
+    "4-D NIfTI": Case(
+        _nifti_4d, InvalidImageError, ["series4d.nii.gz", "4-D", "3-D"], "threshold", {"value": 0}, [2, 2, 2]
+    ),
     "empty image": Case(_zarr((1, 0, 5), write=False), InvalidImageError, ["odd.zarr", "empty"]),
-    "absurd declared size": Case(_zarr((1, 2**25, 2**25), write=False), InvalidImageError,
-                                 ["odd.zarr", "absurdly large", "Re-export"]),
-    "DICOM folder without a series": Case(_empty_dicom_folder, ReadError, ["dicom", "no DICOM series"],
-                                          "threshold", {"value": 0}, [8, 8, 8]),
+    "absurd declared size": Case(
+        _zarr((1, 2**25, 2**25), write=False), InvalidImageError, ["odd.zarr", "absurdly large", "Re-export"]
+    ),
+    "DICOM folder without a series": Case(
+        _empty_dicom_folder, ReadError, ["dicom", "no DICOM series"], "threshold", {"value": 0}, [8, 8, 8]
+    ),
     "raster without CRS": Case(_no_crs, InvalidImageError, ["nocrs.tif", "no CRS", "allow_missing_crs"]),
     "all pixels nodata": Case(_all_nodata, ConfigError, ["no valid pixel", "nodata"]),
     "only NaN and inf": Case(_non_finite, ConfigError, ["no valid pixel"]),
     "corrupt zarr chunk": Case(_corrupt_zarr_chunk, ChunkFailedError, ["odd.zarr", "chunk", "--restart"]),
-    "chunk smaller than the halo": Case(_s2, ChunkTooSmallError, ["tiling.chunk", "[16, 16]", "at least 40"],
-                                        params={"band": 8, "smooth_sigma": 10}, chunk=[16, 16]),
-    "halo override too small": Case(_s2, HaloTooSmallError, ["tiling.halo 2", "at least 6"],
-                                    params={"band": 8, "smooth_sigma": 1.5}, chunk=[128, 128],
-                                    extra={"tiling": {"chunk": [128, 128], "halo": 2}}),
+    "chunk smaller than the halo": Case(
+        _s2,
+        ChunkTooSmallError,
+        ["tiling.chunk", "[16, 16]", "at least 40"],
+        params={"band": 8, "smooth_sigma": 10},
+        chunk=[16, 16],
+    ),
+    "halo override too small": Case(
+        _s2,
+        HaloTooSmallError,
+        ["tiling.halo 2", "at least 6"],
+        params={"band": 8, "smooth_sigma": 1.5},
+        chunk=[128, 128],
+        extra={"tiling": {"chunk": [128, 128], "halo": 2}},
+    ),
     "unknown segmenter": Case(_s2, UnknownNameError, ["'otsuu'", "Did you mean 'otsu'"], "otsuu"),
     "band missing": Case(_s2, ConfigError, ["segmenter.params.band", "'B99'", "B8A"], params={"band": "B99"}),
-    "unknown parameter": Case(_s2, ConfigError, ["segmenter.params.bnad", "Allowed parameters"],
-                              params={"bnad": 3}),
-    "negative smoothing": Case(_s2, ConfigError, ["segmenter.params.smooth_sigma", "greater than or equal"],
-                               params={"smooth_sigma": -1}),
-    "two threshold rules": Case(_s2, ConfigError, ["exactly one of value, window, windows or preset"],
-                                "threshold", {"value": 1, "window": [0, 2]}),
-    "negative block size": Case(_s2, ConfigError, ["segmenter.params.block_size", "odd and >= 3"], "local",
-                                {"band": 8, "block_size": -3}),
-    "k < 2": Case(_s2, ConfigError, ["segmenter.params.classes", "between 2 and 254"], "multi_otsu",
-                  {"classes": 1}),
-    "connectivity beyond the dimensions": Case(_s2, ConfigError, ["connectivity 3", "use 1..2"], "components",
-                                               {"semantic": {"name": "otsu", "params": {"band": 8}},
-                                                "connectivity": 3}),
-    "prompt outside the image": Case(_s2, ConfigError, [r"points[0]", "outside the image"], "seeded",
-                                     {"points": [{"x": 100.0, "y": -40.0}], "mask": MASK}),
-    "format for the wrong kind": Case(_s2, ConfigError, ["output.formats ['nifti']", "raster"],
-                                      params={"band": 8}, extra={"output": {"formats": ["nifti"]}}),
+    "unknown parameter": Case(
+        _s2, ConfigError, ["segmenter.params.bnad", "Allowed parameters"], params={"bnad": 3}
+    ),
+    "negative smoothing": Case(
+        _s2,
+        ConfigError,
+        ["segmenter.params.smooth_sigma", "greater than or equal"],
+        params={"smooth_sigma": -1},
+    ),
+    "two threshold rules": Case(
+        _s2,
+        ConfigError,
+        ["exactly one of value, window, windows or preset"],
+        "threshold",
+        {"value": 1, "window": [0, 2]},
+    ),
+    "negative block size": Case(
+        _s2,
+        ConfigError,
+        ["segmenter.params.block_size", "odd and >= 3"],
+        "local",
+        {"band": 8, "block_size": -3},
+    ),
+    "k < 2": Case(
+        _s2, ConfigError, ["segmenter.params.classes", "between 2 and 254"], "multi_otsu", {"classes": 1}
+    ),
+    "connectivity beyond the dimensions": Case(
+        _s2,
+        ConfigError,
+        ["connectivity 3", "use 1..2"],
+        "components",
+        {"semantic": {"name": "otsu", "params": {"band": 8}}, "connectivity": 3},
+    ),
+    "prompt outside the image": Case(
+        _s2,
+        ConfigError,
+        [r"points[0]", "outside the image"],
+        "seeded",
+        {"points": [{"x": 100.0, "y": -40.0}], "mask": MASK},
+    ),
+    "image and label with different geometry": Case(
+        _s2,
+        GeometryMismatchError,
+        ["reference.path", "spacenet_atlanta_buildings_instances.tif", "CRS"],
+        params={"band": 8},
+        extra={"reference": {"path": "geo/spacenet_atlanta_buildings_instances.tif"}},  # under data/
+    ),
+    "format for the wrong kind": Case(
+        _s2,
+        ConfigError,
+        ["output.formats ['nifti']", "raster"],
+        params={"band": 8},
+        extra={"output": {"formats": ["nifti"]}},
+    ),
 }
 
 
@@ -178,6 +233,9 @@ def test_bad_input_catalogue(client, data, tmp_path, name) -> None:
     extra = dict(case.extra)
     if "output" in extra:
         extra["output"] = {"dir": str(out), **extra["output"]}
+    if "reference" in extra:
+        extra["reference"] = {**extra["reference"], "path": str(data / extra["reference"]["path"])}
+
     with pytest.raises(case.error) as info:
         run(client, source, out, case.segmenter, case.params, chunk=case.chunk, **extra)
     for word in case.words:
@@ -197,17 +255,31 @@ def test_python_api_rejects_1d_and_5d(array) -> None:
 
 def test_raster_without_crs_runs_when_allowed(client, tmp_path) -> None:
     path = _no_crs(tmp_path, tmp_path)
-    spec = job(path, tmp_path / "ok", "otsu", chunk=[32, 32], formats=["cog"],
-               input={"path": str(path), "allow_missing_crs": True})
+    spec = job(
+        path,
+        tmp_path / "ok",
+        "otsu",
+        chunk=[32, 32],
+        formats=["cog"],
+        input={"path": str(path), "allow_missing_crs": True},
+    )
     with rasterio.open(run_job(spec, client=client).outputs["cog"]) as ds:
         assert ds.crs is None
 
 
 def test_unknown_yaml_key_names_path_and_allowed_keys(data, tmp_path, capsys) -> None:
     job_file = tmp_path / "job.yaml"
-    job_file.write_text(yaml.safe_dump({
-        "name": "x", "input": {"path": str(data / S2)}, "segmenter": {"name": "otsu"},
-        "tiling": {"chunks": [64, 64]}, "output": {"dir": str(tmp_path / "out")}}))
+    job_file.write_text(
+        yaml.safe_dump(
+            {
+                "name": "x",
+                "input": {"path": str(data / S2)},
+                "segmenter": {"name": "otsu"},
+                "tiling": {"chunks": [64, 64]},
+                "output": {"dir": str(tmp_path / "out")},
+            }
+        )
+    )
     with pytest.raises(ConfigError) as info:
         load_job(job_file)
     assert str(job_file) in str(info.value)
@@ -262,16 +334,33 @@ def _limit_file_size() -> None:
 
 
 def test_full_disk_during_finalize_leaves_nothing_that_looks_complete(tmp_path) -> None:
-    src = write_raster(tmp_path / "noise.tif", (2048, 2048), dtype="uint16", seed=5,
-                       fill=lambda r, c, h, w: np.random.default_rng((r, c)).integers(0, 9000, (1, h, w))
-                       .astype(np.uint16))
+    src = write_raster(
+        tmp_path / "noise.tif",
+        (2048, 2048),
+        dtype="uint16",
+        seed=5,
+        fill=lambda r, c, h, w: np.random.default_rng((r, c)).integers(0, 9000, (1, h, w)).astype(np.uint16),
+    )
     out = tmp_path / "out"
     job_file = tmp_path / "job.yaml"
-    job_file.write_text(yaml.safe_dump({
-        "name": "full-disk", "input": {"path": str(src)}, "segmenter": {"name": "otsu"},
-        "tiling": {"chunk": [256, 256]}, "output": {"dir": str(out), "formats": ["zarr", "cog"]}}))
-    proc = subprocess.run([str(Path(sys.executable).parent / "segpipe"), "run", str(job_file)],
-                          capture_output=True, text=True, timeout=600, preexec_fn=_limit_file_size)
+    job_file.write_text(
+        yaml.safe_dump(
+            {
+                "name": "full-disk",
+                "input": {"path": str(src)},
+                "segmenter": {"name": "otsu"},
+                "tiling": {"chunk": [256, 256]},
+                "output": {"dir": str(out), "formats": ["zarr", "cog"]},
+            }
+        )
+    )
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "segpipe"), "run", str(job_file)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=_limit_file_size,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "WriteError" in proc.stderr and "labels.tif" in proc.stderr and "disk" in proc.stderr
     assert not (out / "labels.tif").exists() and not (out / "summary.json").exists()
