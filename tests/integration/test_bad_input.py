@@ -25,8 +25,8 @@ from pipeline.data import GeoRef, wrap_image
 from pipeline.errors import (
     ChunkFailedError,
     ChunkTooSmallError,
-    GeometryMismatchError,
     ConfigError,
+    GeometryMismatchError,
     HaloTooSmallError,
     InvalidImageError,
     OutputConflictError,
