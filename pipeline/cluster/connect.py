@@ -99,7 +99,7 @@ def connect(
         processes=True,
         memory_limit=memory_limit,
         env=WORKER_ENV,
-        dashboard_address=":0" if dashboard else None,
+        dashboard_address=":0",  # a free port; None would still try 8787
         host="127.0.0.1",
     )
     try:

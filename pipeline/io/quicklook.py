@@ -5,13 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import zarr
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 MAX_SIDE = 1024
@@ -45,7 +43,9 @@ def write_quicklook(
         labels = np.where(labels == 0, 0, (labels.astype(np.int64) - 1) % (len(PALETTE) - 1) + 1)
         classes = {0: "background", **dict.fromkeys(range(1, len(PALETTE)), "")}
         title = f"{title} ({n} objects in view)"
-    fig, ax = plt.subplots(figsize=(8, 8 * labels.shape[0] / max(labels.shape[1], 1) + 0.6))
+    fig = Figure(figsize=(8, 8 * labels.shape[0] / max(labels.shape[1], 1) + 0.6))
+    FigureCanvasAgg(fig)  # no pyplot: the caller's matplotlib backend is left alone
+    ax = fig.subplots()
     ax.imshow(_stretch(image), cmap="gray", interpolation="nearest")
     shown = np.ma.masked_where((labels == 0) | (labels == nodata_label), labels)
     cmap = ListedColormap([PALETTE[i % len(PALETTE)] for i in range(max(classes) + 1)])
@@ -60,7 +60,6 @@ def write_quicklook(
     ax.set_axis_off()
     tmp = path.with_name(f".tmp-{path.name}")
     fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
-    plt.close(fig)
     os.replace(tmp, path)
     return path
 

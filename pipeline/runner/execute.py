@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from distributed import Client, Future, as_completed
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipeline.errors import ChunkFailedError, OutputConflictError
@@ -355,6 +356,7 @@ class _progress:
             TimeElapsedColumn(),
             transient=False,
             disable=total == 0,
+            console=Console(stderr=True, force_jupyter=False),  # plain text in notebooks too
         )
         self.total = total
 
