@@ -131,18 +131,17 @@ def _tile_map_section(run: Path, tiles: pd.DataFrame | None, summary: dict[str, 
     head = _h2("Per-tile map")
     if tiles is None or tiles.empty or "start" not in tiles:
         return head + _note("no tiles.parquet")
-    column = score_column(tiles)
-    if column is None and "seconds" not in tiles:
+    scores = tile_scores(tiles)
+    if scores is None and "seconds" not in tiles:
         return head + _note("tiles.parquet has neither reference scores nor seconds")
-    column = column or "seconds"
+    label, values = scores or ("seconds", tiles["seconds"].astype(float))
     background, z = _background(run, summary)
-    fig = figures.tile_map_figure(out / "tile_map.png", tiles, column, background, z)
-    what = "seconds per tile" if column == "seconds" else f"reference score {column} per tile"
-    if column == "seconds":
+    fig = figures.tile_map_figure(out / "tile_map.png", tiles, label, values, background, z)
+    what = "seconds per tile" if scores is None else f"reference score per tile: {label}"
+    if scores is None:
         what += " (the tiles carry no reference scores)"
     if z is not None:
         what += f"; tiles crossing axial slice z={z}"
-    values = tiles[column].astype(float)
     stats = {"coloured by": what, "min": f"{values.min():.4g}", "mean": f"{values.mean():.4g}"}
     stats["max"] = f"{values.max():.4g}"
     return head + _kv_table(stats) + _img(fig)
@@ -151,7 +150,7 @@ def _tile_map_section(run: Path, tiles: pd.DataFrame | None, summary: dict[str, 
 def _seam_section(run: Path, summary: dict[str, Any], out: Path) -> str:
     head = _h2("Seams")
     parts = []
-    for key in ("seam_check", "seams", "instances"):
+    for key in ("reference", "seam_check", "seams", "instances"):
         value = summary.get(key)
         if value:
             parts.append(f"<h3>summary.json: {html.escape(key)}</h3>" + _kv_table(_flatten(value)))
@@ -205,17 +204,28 @@ def _eval_section(metrics: dict[str, Any], names: dict[int, str], out: Path, eva
 # ---------------------------------------------------------------- data
 
 
-def score_column(tiles: pd.DataFrame) -> str | None:
-    """The per-tile reference score to colour the map by (``iou_*`` before ``dice_*``), if any.
+def tile_scores(tiles: pd.DataFrame) -> tuple[str, pd.Series] | None:
+    """The per-tile reference score to colour the map by, with its label; ``None`` without one.
 
-    A column holding a mean over classes (``*_mean``, ``iou``) wins over a per-class one.
+    IoU before Dice; with one ``iou_<class>`` column per class (jobs that name a reference), the
+    mean over the classes other than ``background`` (NaN where a tile has none of a class).
     """
-    found = [
-        c for c in tiles.columns if SCORE_PATTERN.match(str(c)) and pd.api.types.is_numeric_dtype(tiles[c])
-    ]
-    if not found:
-        return None
-    return sorted(found, key=lambda c: (not c.startswith("iou"), "mean" not in c and "_" in c, c))[0]
+    for metric in ("iou", "dice"):
+        found = [
+            str(c)
+            for c in tiles.columns
+            if SCORE_PATTERN.match(str(c))
+            and str(c).startswith(metric)
+            and pd.api.types.is_numeric_dtype(tiles[c])
+        ]
+        if len(found) > 1:
+            found = [c for c in found if c != f"{metric}_background"]
+        if len(found) == 1:
+            return found[0], tiles[found[0]].astype(float)
+        if found:
+            values = tiles[found].astype(float).mean(axis=1, skipna=True)
+            return f"mean {metric} ({', '.join(c.removeprefix(metric + '_') for c in found)})", values
+    return None
 
 
 def _background(run: Path, summary: dict[str, Any]) -> tuple[np.ndarray | None, int | None]:

@@ -77,34 +77,42 @@ def confusion_figure(path: Path, matrix: np.ndarray, labels: list[str]) -> Path:
 
 
 def tile_map_figure(
-    path: Path, tiles: pd.DataFrame, column: str, background: np.ndarray | None, z: int | None
+    path: Path,
+    tiles: pd.DataFrame,
+    label: str,
+    values: pd.Series,
+    background: np.ndarray | None,
+    z: int | None,
 ) -> Path:
+    """Tile write boxes over ``background``, coloured by ``values`` (scores in [0, 1] or seconds)."""
     starts = np.array(tiles["start"].tolist(), dtype=np.int64)
     stops = np.array(tiles["stop"].tolist(), dtype=np.int64)
     keep = np.ones(len(tiles), bool) if z is None else (starts[:, 0] <= z) & (z < stops[:, 0])
     starts, stops = starts[keep, -2:], stops[keep, -2:]
-    values = tiles[column].to_numpy(np.float64)[keep]
+    shown = values.to_numpy(np.float64)[keep]
     height, width = int(stops[:, 0].max()), int(stops[:, 1].max())
     fig, ax = plt.subplots(figsize=(8, 0.8 + 8 * height / max(width, 1)))
     if background is not None:
         ax.imshow(_stretch(background), cmap="gray", extent=(0, width, height, 0), interpolation="nearest")
-    score = column != "seconds"
+    score = label != "seconds"
     cmap = plt.get_cmap("RdYlGn" if score else "viridis")
-    lo, hi = (0.0, 1.0) if score else (float(np.nanmin(values)), float(np.nanmax(values)) or 1.0)
+    finite = shown[np.isfinite(shown)]
+    lo, hi = (0.0, 1.0) if score or not finite.size else (float(finite.min()), float(finite.max()))
     norm = matplotlib.colors.Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1)
-    for (y0, x0), (y1, x1), v in zip(starts, stops, values, strict=True):
+    for (y0, x0), (y1, x1), v in zip(starts, stops, shown, strict=True):
         colour = cmap(norm(v)) if np.isfinite(v) else (0.5, 0.5, 0.5, 1.0)
         ax.add_patch(
             Rectangle((x0, y0), x1 - x0, y1 - y0, facecolor=colour, alpha=0.4, edgecolor=colour, lw=1.5)
         )
-        if len(values) <= MAX_ANNOTATED:
-            ax.text(
-                (x0 + x1) / 2, (y0 + y1) / 2, f"{v:.3g}", ha="center", va="center", fontsize=7, bbox=LABEL_BOX
-            )
+        if len(shown) <= MAX_ANNOTATED:
+            text = f"{v:.3g}" if np.isfinite(v) else "n/a"
+            ax.text((x0 + x1) / 2, (y0 + y1) / 2, text, ha="center", va="center", fontsize=7, bbox=LABEL_BOX)
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)
-    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=column, shrink=0.8)
-    ax.set_title(f"tiles coloured by {column}", fontsize=10)
+    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=label, shrink=0.8)
+    ax.set_title(
+        f"tiles coloured by {label} (grey: no score)" if score else "tiles coloured by seconds", fontsize=10
+    )
     return _save(fig, path)
 
 

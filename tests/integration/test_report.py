@@ -16,7 +16,7 @@ import pytest
 from PIL import Image as PILImage
 
 from pipeline.runner.cli import main
-from pipeline.runner.report import score_column, write_run_report
+from pipeline.runner.report import tile_scores, write_run_report
 from tests.helpers import run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -56,8 +56,10 @@ def _assert_real_pngs(page: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def evaluated(client, data, tmp_path_factory) -> tuple[Path, Path]:
-    """An otsu water job on the flood chip and ``segpipe eval`` of it against the hand labels."""
+    """An otsu water job on the flood chip scored per tile against the hand labels, and
+    ``segpipe eval`` of its COG against them."""
     folder = tmp_path_factory.mktemp("report")
+    label = data / "geo" / "Spain_7370579_LabelHand.tif"
     result = run(
         client,
         data / "geo" / "Spain_7370579_S2Hand.tif",
@@ -66,8 +68,8 @@ def evaluated(client, data, tmp_path_factory) -> tuple[Path, Path]:
         OTSU_WATER,
         chunk=[200, 150],
         formats=["zarr", "cog", "png"],
+        reference={"path": str(label), "ignore": -1},
     )
-    label = data / "geo" / "Spain_7370579_LabelHand.tif"
     argv = [result.outputs["cog"], str(label), "--out", str(folder / "eval"), "--ignore", "-1"]
     assert main(["eval", *argv, "--scheduler", client.scheduler.address]) == 0
     return result.plan.out, folder / "eval"
@@ -90,23 +92,31 @@ def test_report_figures_are_real_pngs(report: Path) -> None:
     assert "<script" not in text and "http" not in text.replace(str(report.parents[1]), "")
 
 
-def test_report_states_what_the_tile_map_shows(report: Path) -> None:
+def test_tile_map_is_coloured_by_the_per_tile_reference_score(report: Path) -> None:
     text = report.read_text()
-    assert "seconds per tile (the tiles carry no reference scores)" in text or "reference score" in text
-    assert "no seam diagnostics" in text or "seam_check" in text
+    assert "reference score per tile: iou_water" in text  # iou_background is left out
+    assert "summary.json: reference" in text and "summary.json: seam_check" in text
 
 
-def test_tile_map_uses_reference_scores_when_present(evaluated, tmp_path: Path) -> None:
+def test_tile_scores_choice() -> None:
+    tiles = pd.DataFrame({"seconds": [1.0, 2.0], "dice_a": [0.5, 0.7]})
+    assert tile_scores(tiles.drop(columns="dice_a")) is None
+    label, values = tile_scores(tiles)  # type: ignore[misc]
+    assert label == "dice_a" and values.tolist() == [0.5, 0.7]
+    tiles["iou_background"], tiles["iou_a"], tiles["iou_b"] = [0.9, 0.9], [0.2, np.nan], [0.4, 0.6]
+    label, values = tile_scores(tiles)  # type: ignore[misc]
+    assert label == "mean iou (a, b)" and values.tolist() == pytest.approx([0.3, 0.6])
+
+
+def test_tile_map_falls_back_to_seconds_without_scores(evaluated, tmp_path: Path) -> None:
     run_dir, _ = evaluated
     copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("report"))
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("report", "staging.zarr"))
     tiles = pd.read_parquet(copy / "tiles.parquet")
-    tiles["dice_water"] = np.linspace(0.2, 0.9, len(tiles))
-    tiles["iou_water"] = np.linspace(0.1, 0.8, len(tiles))
+    tiles = tiles.drop(columns=[c for c in tiles.columns if c.startswith(("iou_", "dice_"))])
     tiles.to_parquet(copy / "tiles.parquet", index=False)
-    assert score_column(tiles) == "iou_water"
-    page = write_run_report(copy)
-    assert "reference score iou_water per tile" in page.read_text()
+    page = write_run_report(copy)  # also without staging.zarr: no background under the tiles
+    assert "seconds per tile (the tiles carry no reference scores)" in page.read_text()
     _assert_real_pngs(page)
 
 
