@@ -35,9 +35,10 @@ def write_quicklook(
     *,
     title: str,
     nodata_label: int = 255,
+    band: int = 0,
 ) -> Path:
-    """Render a decimated view (middle axial slice for volumes) to ``path`` atomically."""
-    image, labels = _decimated(image_zarr, labels_zarr)
+    """Render a decimated view (middle axial slice for volumes) of ``band`` to ``path`` atomically."""
+    image, labels = _decimated(image_zarr, labels_zarr, band)
     if labels.dtype != np.uint8:  # instance ids: colour by id, count them in the title
         n = len(np.unique(labels[labels != 0]))
         labels = np.where(labels == 0, 0, (labels.astype(np.int64) - 1) % (len(PALETTE) - 1) + 1)
@@ -64,7 +65,7 @@ def write_quicklook(
     return path
 
 
-def _decimated(image_zarr: Path, labels_zarr: Path) -> tuple[np.ndarray, np.ndarray]:
+def _decimated(image_zarr: Path, labels_zarr: Path, band: int) -> tuple[np.ndarray, np.ndarray]:
     img = zarr.open_array(store=str(image_zarr), mode="r")
     lab = zarr.open_array(store=str(labels_zarr), mode="r")
     if lab.ndim == 3:  # volume: the middle axial slice
@@ -74,7 +75,7 @@ def _decimated(image_zarr: Path, labels_zarr: Path) -> tuple[np.ndarray, np.ndar
             np.asarray(img[0, z, ::step, ::step]) if img.ndim == 4 else np.asarray(img[z, ::step, ::step])
         ), np.asarray(lab[z, ::step, ::step])
     step = max(1, -(-max(lab.shape) // MAX_SIDE))
-    return np.asarray(img[0, ::step, ::step]), np.asarray(lab[::step, ::step])
+    return np.asarray(img[band, ::step, ::step]), np.asarray(lab[::step, ::step])
 
 
 def _stretch(image: np.ndarray) -> np.ndarray:

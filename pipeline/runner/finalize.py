@@ -76,6 +76,7 @@ def finalize(plan: Plan, segmenter: Segmenter) -> dict[str, str]:
                 segmenter.classes,
                 title=f"{plan.spec.name}: {segmenter.name} on {plan.source.path.name}",
                 nodata_label=segmenter.nodata_label,
+                band=int(getattr(segmenter, "band_index", 0)),  # the band the segmenter looks at
             )
         )
     if segmenter.kind != "semantic":
