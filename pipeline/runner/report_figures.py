@@ -1,4 +1,8 @@
-"""The PNG figures of ``segpipe report`` (matplotlib, Agg backend); each returns its path."""
+"""The PNG figures of ``segpipe report``; each returns its path.
+
+Built on :class:`matplotlib.figure.Figure` (Agg canvas) without pyplot, so importing this
+module leaves a notebook's backend and pyplot state alone.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 #: Tiles annotated with their value on the map when there are at most this many.
@@ -20,12 +24,12 @@ LABEL_BOX = {"boxstyle": "round,pad=0.15", "facecolor": "white", "alpha": 0.7, "
 
 def _save(fig: Any, path: Path) -> Path:
     fig.savefig(path, dpi=100, bbox_inches="tight", format="png")
-    plt.close(fig)
     return path
 
 
 def bar_figure(path: Path, values: dict[str, float], xlabel: str, ylabel: str) -> Path:
-    fig, ax = plt.subplots(figsize=(7, 0.8 + 0.32 * max(len(values), 1)))
+    fig = Figure(figsize=(7, 0.8 + 0.32 * max(len(values), 1)))
+    ax = fig.subplots()
     keys = list(values)[::-1]
     ax.barh(keys, [values[k] for k in keys], color="#1f77b4")
     for i, k in enumerate(keys):
@@ -39,7 +43,8 @@ def bar_figure(path: Path, values: dict[str, float], xlabel: str, ylabel: str) -
 def grouped_bars(path: Path, scores: dict[str, dict[str, float]]) -> Path:
     metrics = list(scores)
     classes = list(next(iter(scores.values())))
-    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(classes) + 2), 4))
+    fig = Figure(figsize=(max(5, 1.2 * len(classes) + 2), 4))
+    ax = fig.subplots()
     width = 0.8 / len(metrics)
     x = np.arange(len(classes))
     for i, m in enumerate(metrics):
@@ -55,7 +60,8 @@ def confusion_figure(path: Path, matrix: np.ndarray, labels: list[str]) -> Path:
     rows = matrix.sum(axis=1, keepdims=True)
     norm = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
     side = 2.5 + 0.6 * len(labels)
-    fig, ax = plt.subplots(figsize=(side + 1, side))
+    fig = Figure(figsize=(side + 1, side))
+    ax = fig.subplots()
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     if len(labels) <= 12:
         for (i, j), v in np.ndenumerate(matrix):
@@ -91,14 +97,15 @@ def tile_map_figure(
     starts, stops = starts[keep, -2:], stops[keep, -2:]
     shown = values.to_numpy(np.float64)[keep]
     height, width = int(stops[:, 0].max()), int(stops[:, 1].max())
-    fig, ax = plt.subplots(figsize=(8, 0.8 + 8 * height / max(width, 1)))
+    fig = Figure(figsize=(8, 0.8 + 8 * height / max(width, 1)))
+    ax = fig.subplots()
     if background is not None:
         ax.imshow(_stretch(background), cmap="gray", extent=(0, width, height, 0), interpolation="nearest")
     score = label != "seconds"
-    cmap = plt.get_cmap("RdYlGn" if score else "viridis")
+    cmap = matplotlib.colormaps["RdYlGn" if score else "viridis"]
     finite = shown[np.isfinite(shown)]
     lo, hi = (0.0, 1.0) if score or not finite.size else (float(finite.min()), float(finite.max()))
-    norm = matplotlib.colors.Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1)
+    norm = Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1)
     for (y0, x0), (y1, x1), v in zip(starts, stops, shown, strict=True):
         colour = cmap(norm(v)) if np.isfinite(v) else (0.5, 0.5, 0.5, 1.0)
         ax.add_patch(
@@ -109,7 +116,7 @@ def tile_map_figure(
             ax.text((x0 + x1) / 2, (y0 + y1) / 2, text, ha="center", va="center", fontsize=7, bbox=LABEL_BOX)
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)
-    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=label, shrink=0.8)
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=label, shrink=0.8)
     ax.set_title(
         f"tiles coloured by {label} (grey: no score)" if score else "tiles coloured by seconds", fontsize=10
     )
