@@ -12,17 +12,27 @@ from scipy import ndimage
 
 from tests.helpers import labels_of, run
 
-CLASSES = {"water": [1, 2], "tree": [2, 3], "low_vegetation": [3, 4], "barren": [4, 5],
-           "impervious": [5, 6], "road": [6, 7]}
+CLASSES = {
+    "water": [1, 2],
+    "tree": [2, 3],
+    "low_vegetation": [3, 4],
+    "barren": [4, 5],
+    "impervious": [5, 6],
+    "road": [6, 7],
+}
 
 
 @pytest.mark.parametrize("chunk", [[100, 90], [64, 200]], ids=["100x90", "64x200"])
 def test_chesapeake_panoptic(client, data, tmp_path, chunk) -> None:
     path = data / "landcover" / "chesapeake_m_3907833_nw_17_1_lc.tif"
-    params = {"semantic": {"name": "threshold", "params": {"windows": CLASSES}}, "things": [5],
-              "connectivity": 2}
-    result = run(client, path, tmp_path / "out", "panoptic", params, chunk=chunk,
-                 formats=["zarr", "cog", "png"])
+    params = {
+        "semantic": {"name": "threshold", "params": {"windows": CLASSES}},
+        "things": [5],
+        "connectivity": 2,
+    }
+    result = run(
+        client, path, tmp_path / "out", "panoptic", params, chunk=chunk, formats=["zarr", "cog", "png"]
+    )
     ids = labels_of(result)
     with rasterio.open(path) as ds:
         lc = ds.read(1)
