@@ -51,5 +51,9 @@ class OutputConflictError(PipelineError, FileExistsError):
     """An output folder holds results of a different job."""
 
 
+class RunInProgressError(PipelineError, RuntimeError):
+    """Another run of the same scheduled job holds its lock."""
+
+
 class ChunkFailedError(PipelineError, RuntimeError):
     """One or more chunks failed after their retries."""

@@ -11,6 +11,7 @@ changed scenes are processed. Every run and item is recorded in an SQLite ledger
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import json
 import os
@@ -25,7 +26,7 @@ from typing import Any
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, PipelineError, RunInProgressError
 from pipeline.runner.spec import JobSpec
 
 SCHEMA = """
@@ -181,6 +182,25 @@ def _local_href(href: str, source: Path, *, what: str) -> Path:
 
 
 @contextmanager
+def single_run(root: Path) -> Iterator[None]:
+    """Hold ``OUT/.segpipe-run.lock`` for the run: a second run of the job (an overlapping cron
+    start) is refused at once instead of competing for the same scenes."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".segpipe-run.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunInProgressError(
+                f"{root}: another run of this job is in progress (lock "
+                f"{root / '.segpipe-run.lock'}); this one did nothing"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextmanager
 def ledger(path: Path) -> Iterator[sqlite3.Connection]:
     """The SQLite ledger (created on first use)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -207,7 +227,7 @@ def run_scheduled(spec: JobSpec, execute_item: Any, make_plan: Any) -> dict[str,
     root = Path(spec.output.dir or "")
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     counts = {"processed": 0, "skipped": 0, "failed": 0}
-    with ledger(root / "ledger.sqlite") as con:
+    with single_run(root), ledger(root / "ledger.sqlite") as con:
         con.execute(
             "insert into runs values (?, ?, ?, null, 'running', 0, 0, 0)", (run_id, spec.name, time.time())
         )

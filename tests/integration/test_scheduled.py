@@ -226,3 +226,34 @@ def test_two_items_with_one_id_are_refused(data, tmp_path) -> None:
     }
     with pytest.raises(ConfigError, match="both become item 'a_b'"):
         scene_specs(_stac_job(_write(tmp_path / "s.json", doc), tmp_path / "out"))
+
+
+def test_overlapping_run_is_refused_while_one_holds_the_lock(client, data, tmp_path) -> None:
+    """Cron may start a job while yesterday's run still works: the second start does nothing."""
+    import fcntl
+
+    from pipeline.errors import RunInProgressError
+    from pipeline.runner.api import run_scheduled_job
+    from pipeline.runner.spec import parse_job, resolve_paths
+
+    (tmp_path / "scenes").mkdir()
+    (tmp_path / "scenes" / "a.tif").symlink_to(data / "landcover" / DATES["leaf-on"])
+    out = tmp_path / "out"
+    spec = resolve_paths(
+        parse_job(
+            {
+                "name": "cron",
+                "input": {"path": str(tmp_path / "scenes" / "*.tif")},
+                "segmenter": {"name": "threshold", "params": {"band": 5, "value": 2000}},
+                "output": {"dir": str(out), "formats": ["zarr"]},
+            }
+        ),
+        base=tmp_path,
+    )
+    out.mkdir()
+    with open(out / ".segpipe-run.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(RunInProgressError, match="another run of this job is in progress"):
+            run_scheduled_job(spec, client=client)
+    assert not (out / "a").exists()
+    assert run_scheduled_job(spec, client=client)["processed"] == 1
