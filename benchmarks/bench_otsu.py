@@ -15,38 +15,45 @@ processes) with psutil in a background thread. Run ``python benchmarks/bench_ots
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import rasterio
+from common import (
+    FOREIGN_WARN_PCT,
+    GIB,
+    REPO,
+    RESULTS,
+    SAMPLE_EVERY_S,
+    SOURCE_TIF,
+    add_usage,
+    cluster_host,
+    cluster_roles,
+    fmt,
+    machine,
+    mirror_period,
+    peak,
+    remove,
+    run_sampled,
+    say,
+    strip_rows,
+    tree_bytes,
+    worker_peaks,
+)
+from common import check_disk as check_free
 from rasterio.windows import Window
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-RESULTS = HERE / "results"
-SOURCE_TIF = Path("/work/shared/data/geo/Spain_7370579_S2Hand.tif")
 SOURCE_BAND = 8  # Sentinel-2 B8 (NIR), int16
-GIB = 2**30
-MIB = 2**20
 BYTES_PER_PX = 2  # int16
-SAMPLE_EVERY_S = 0.1
-SERIES_POINTS = 400
-FOREIGN_WARN_PCT = 10
 
 
 # --------------------------------------------------------------------------- input data
@@ -57,20 +64,6 @@ def raster_shape(size_gib: float, align: int = 512) -> tuple[int, int]:
     side = math.sqrt(size_gib * GIB / BYTES_PER_PX)
     n = math.ceil(side / align) * align
     return n, n
-
-
-def mirror_period(tile: np.ndarray) -> np.ndarray:
-    """A 2x2 mirrored arrangement of ``tile``: repeating it leaves no seams."""
-    top = np.concatenate([tile, tile[:, ::-1]], axis=1)
-    return np.concatenate([top, top[::-1]], axis=0)
-
-
-def strip_rows(period: np.ndarray, row0: int, height: int, width: int) -> np.ndarray:
-    """Rows ``row0 .. row0+height`` of the infinite mirrored tiling, ``width`` columns wide."""
-    ph, pw = period.shape
-    rows = period[np.arange(row0, row0 + height) % ph]
-    reps = -(-width // pw)
-    return np.tile(rows, (1, reps))[:, :width]
 
 
 def generate_geotiff(path: Path, shape: tuple[int, int], strip: int = 512) -> None:
@@ -101,143 +94,6 @@ def generate_geotiff(path: Path, shape: tuple[int, int], strip: int = 512) -> No
             dst.write(strip_rows(period, row0, h, shape[1]), 1, window=Window(0, row0, shape[1], h))
 
 
-# --------------------------------------------------------------------------- RSS sampling
-
-
-@dataclass
-class ProcStat:
-    """Peak memory of one process seen by the sampler."""
-
-    pid: int
-    ppid: int
-    cmdline: str
-    first_s: float
-    last_s: float = 0.0
-    peak_rss: int = 0
-    hwm: int = 0
-    cpu_s: float = 0.0
-    series: list[tuple[float, int]] = field(default_factory=list)
-
-
-class TreeSampler:
-    """Background thread sampling RSS of a process and all its descendants."""
-
-    def __init__(self, root_pid: int, every_s: float = SAMPLE_EVERY_S) -> None:
-        self.root = psutil.Process(root_pid)
-        self.every_s = every_s
-        self.t0 = time.time()
-        self.stats: dict[int, ProcStat] = {}
-        self.busy0 = _busy_cpu_s()
-        self.busy_s = 0.0
-        self.duration_s = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def __enter__(self) -> TreeSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.busy_s = _busy_cpu_s() - self.busy0
-        self.duration_s = time.time() - self.t0
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.sample()
-            self._stop.wait(self.every_s)
-
-    def sample(self) -> None:
-        """Record the RSS of every process in the tree now."""
-        try:
-            procs = [self.root, *self.root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return
-        now = time.time()
-        for proc in procs:
-            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                self._record(proc, now)
-
-    def _record(self, proc: psutil.Process, now: float) -> None:
-        stat = self.stats.get(proc.pid)
-        if stat is None:
-            cmd = " ".join(proc.cmdline())[:160]
-            stat = self.stats[proc.pid] = ProcStat(proc.pid, proc.ppid(), cmd, now)
-        rss = proc.memory_info().rss
-        stat.peak_rss = max(stat.peak_rss, rss)
-        stat.hwm = max(stat.hwm, _vm_hwm(proc.pid))
-        cpu = proc.cpu_times()
-        stat.cpu_s = max(stat.cpu_s, cpu.user + cpu.system)
-        stat.last_s = now
-        stat.series.append((now, rss))
-
-
-def _busy_cpu_s() -> float:
-    """CPU seconds spent busy by the whole machine (all cores) since boot."""
-    t = psutil.cpu_times()
-    return float(sum(t)) - t.idle - getattr(t, "iowait", 0.0)
-
-
-def _vm_hwm(pid: int) -> int:
-    """The kernel's peak RSS (VmHWM) of ``pid`` in bytes, 0 if unreadable."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def downsample(series: list[tuple[float, int]], t0: float, points: int) -> list[list[float]]:
-    """``[[seconds since t0, MiB], ...]`` keeping at most ~``points`` samples (max per bucket)."""
-    if not series:
-        return []
-    step = max(1, len(series) // points)
-    out = []
-    for i in range(0, len(series), step):
-        part = series[i : i + step]
-        t, rss = max(part, key=lambda p: p[1])
-        out.append([round(t - t0, 2), round(rss / MIB, 1)])
-    return out
-
-
-def label_processes(stats: dict[int, ProcStat], roles: dict[str, Any]) -> dict[int, str]:
-    """Role of each sampled pid from the pids the child reported."""
-    labels = {int(roles["client"]): "client"}
-    if roles.get("scheduler"):
-        labels[int(roles["scheduler"])] = "scheduler+nannies"
-    for i, (_addr, pid) in enumerate(sorted(roles.get("workers", {}).items()), start=1):
-        labels[int(pid)] = f"worker-{i}"
-    for pid, stat in stats.items():
-        if pid in labels:
-            continue
-        if "resource_tracker" in stat.cmdline:
-            labels[pid] = "mp-resource-tracker"
-        elif "spawn_main" in stat.cmdline:
-            labels[pid] = f"worker-restarted-{pid}"
-        else:
-            labels[pid] = f"other-{pid}"
-    return labels
-
-
-def memory_report(sampler: TreeSampler, roles: dict[str, Any], t_job: float) -> dict[str, Any]:
-    """Per-role peak RSS (sampled, kernel VmHWM), CPU seconds, RSS series from job start."""
-    labels = label_processes(sampler.stats, roles)
-    report: dict[str, Any] = {}
-    for pid, stat in sorted(sampler.stats.items()):
-        report[labels[pid]] = {
-            "pid": pid,
-            "peak_rss_mib": round(stat.peak_rss / MIB, 1),
-            "vm_hwm_mib": round(stat.hwm / MIB, 1),
-            "cpu_s": round(stat.cpu_s, 2),
-            "cmdline": stat.cmdline,
-            "rss_series_s_mib": downsample(stat.series, t_job, SERIES_POINTS),
-        }
-    return report
-
-
 # --------------------------------------------------------------------------- orchestration
 
 
@@ -266,20 +122,12 @@ def run_child(kind: str, tif: Path, out: Path, settings: Settings, log: Path) ->
         str(result),
         json.dumps(_settings_json(settings)),
     ]
-    with log.open("w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
-        with TreeSampler(proc.pid) as sampler:
-            rc = proc.wait()
+    rc, sampler = run_sampled(cmd, log)
     if rc != 0 or not result.exists():
         tail = log.read_text()[-3000:]
         raise RuntimeError(f"{kind} on {tif.name} failed (exit {rc}); log {log}:\n{tail}")
     record = json.loads(result.read_text())
-    record["memory"] = memory_report(sampler, record.pop("roles"), record["job_started_at"])
-    tree_cpu = sum(s.cpu_s for s in sampler.stats.values())
-    record["cpu_s_tree"] = round(tree_cpu, 2)
-    record["cpu_s_foreign"] = round(max(0.0, sampler.busy_s - tree_cpu), 2)
-    capacity = sampler.duration_s * (os.cpu_count() or 1)
-    record["foreign_load_pct"] = round(100 * record["cpu_s_foreign"] / capacity, 1)
+    add_usage(record, sampler)
     return record
 
 
@@ -315,22 +163,10 @@ def bench_size(size_gib: float, settings: Settings, run_skimage: bool) -> list[d
             record["mpx_per_s"] = record["mpx"] / record["wall_s"]
             say(f"[{tag}]   {record['wall_s']:.1f} s, {record['mpx_per_s']:.1f} Mpx/s")
             records.append(record)
-            _remove(out)
+            remove(out)
     finally:
-        _remove(tif)
+        remove(tif)
     return records
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def say(text: str) -> None:
-    """Progress line on stderr (the table goes to stdout)."""
-    print(text, file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- report
@@ -355,22 +191,6 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
             rec["vs_zarr_copy"] = rec["mpx_per_s"] / zc["mpx_per_s"]
 
 
-def peak(record: dict[str, Any], role: str, key: str = "peak_rss_mib") -> float | None:
-    """Sampled peak RSS (MiB), or another ``key``, of process ``role`` in a record."""
-    entry = record["memory"].get(role)
-    return None if entry is None else entry[key]
-
-
-def worker_peaks(record: dict[str, Any]) -> list[float]:
-    """Sampled peak RSS (MiB) of every worker process (restarted ones included)."""
-    return [v["peak_rss_mib"] for k, v in record["memory"].items() if k.startswith("worker")]
-
-
-def _fmt(value: float | None, width: int, spec: str) -> str:
-    """``value`` formatted with ``spec`` right-aligned in ``width``, or ``-`` when missing."""
-    return ("-" if value is None else format(value, spec)).rjust(width)
-
-
 def main_table(records: list[dict[str, Any]]) -> str:
     """The side-by-side table of every measurement."""
     head = (
@@ -383,10 +203,10 @@ def main_table(records: list[dict[str, Any]]) -> str:
         mark = "*" if ratio_sk is not None and r["vs_skimage_at_gib"] != r["size_gib_requested"] else " "
         lines.append(
             f"{r['kind']:<10} {r['input_gib']:>8.2f} {r['mpx']:>7.0f} {r['wall_s']:>7.1f} "
-            f"{r['mpx_per_s']:>7.1f} {_fmt(ratio_sk, 7, '.3f')}{mark}"
-            f"{_fmt(r.get('vs_zarr_copy'), 8, '.3f')} {_fmt(peak(r, 'client'), 10, '.0f')} "
-            f"{_fmt(peak(r, 'scheduler+nannies'), 9, '.0f')} {_fmt(peak(r, 'worker-1'), 9, '.0f')} "
-            f"{_fmt(peak(r, 'worker-2'), 9, '.0f')}"
+            f"{r['mpx_per_s']:>7.1f} {fmt(ratio_sk, 7, '.3f')}{mark}"
+            f"{fmt(r.get('vs_zarr_copy'), 8, '.3f')} {fmt(peak(r, 'client'), 10, '.0f')} "
+            f"{fmt(peak(r, 'scheduler+nannies'), 9, '.0f')} {fmt(peak(r, 'worker-1'), 9, '.0f')} "
+            f"{fmt(peak(r, 'worker-2'), 9, '.0f')}"
         )
     return "\n".join(lines)
 
@@ -402,8 +222,8 @@ def cpu_table(records: list[dict[str, Any]]) -> str:
     for r in records:
         c, sc, w1, w2 = (peak(r, role, "cpu_s") for role in roles)
         lines.append(
-            f"{r['kind']:<10} {r['input_gib']:>8.2f} {_fmt(c, 7, '.1f')} {_fmt(sc, 7, '.1f')} "
-            f"{_fmt(w1, 8, '.1f')} {_fmt(w2, 8, '.1f')} {r['cpu_s_foreign']:>8.1f} "
+            f"{r['kind']:<10} {r['input_gib']:>8.2f} {fmt(c, 7, '.1f')} {fmt(sc, 7, '.1f')} "
+            f"{fmt(w1, 8, '.1f')} {fmt(w2, 8, '.1f')} {r['cpu_s_foreign']:>8.1f} "
             f"{r['foreign_load_pct']:>9.1f}"
         )
     return "\n".join(lines)
@@ -422,7 +242,7 @@ def stage_table(records: list[dict[str, Any]]) -> str:
         lines.append(
             f"{r['size_gib_requested']:<6g}GiB {r['n_chunks']:>7} {t['ingest']:>9.1f} {t['fit']:>7.1f} "
             f"{t['segment']:>9.1f} {t['finalize']:>10.1f} {r['threshold']:>9g} "
-            f"{_fmt(sk['threshold'] if sk else None, 9, 'g')}"
+            f"{fmt(sk['threshold'] if sk else None, 9, 'g')}"
         )
     return "\n".join(lines)
 
@@ -471,12 +291,7 @@ def write_json(records: list[dict[str, Any]], settings: Settings, text: str) -> 
     path = RESULTS / f"bench_otsu-{time.strftime('%Y%m%d-%H%M%S')}.json"
     payload = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "ram_gib": round(psutil.virtual_memory().total / GIB, 1),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
+        "machine": machine(),
         "settings": {**_settings_json(settings), "source": str(SOURCE_TIF), "band": SOURCE_BAND},
         "table": text,
         "records": records,
@@ -486,50 +301,6 @@ def write_json(records: list[dict[str, Any]], settings: Settings, text: str) -> 
 
 
 # --------------------------------------------------------------------------- children
-
-
-@contextlib.contextmanager
-def cluster_host(settings: dict[str, Any]) -> Iterator[str]:
-    """Start a LocalCluster (pipeline.cluster.connect) in a subprocess; yield its address."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "_cluster", json.dumps(settings)]
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        address = proc.stdout.readline().strip()
-        if not address:
-            raise RuntimeError("the cluster host process did not start")
-        yield address
-    finally:
-        if proc.stdin is not None:
-            proc.stdin.close()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def serve_cluster(settings: dict[str, Any]) -> None:
-    """Child mode ``_cluster``: hold a LocalCluster open until stdin closes."""
-    from pipeline.cluster import connect
-
-    with connect(
-        n_workers=settings["n_workers"],
-        threads_per_worker=settings["threads_per_worker"],
-        memory_limit=settings["memory_limit"],
-        dashboard=False,
-    ) as client:
-        client.wait_for_workers(settings["n_workers"])
-        print(client.scheduler_info()["address"], flush=True)
-        sys.stdin.read()
-
-
-def cluster_roles(client: Any) -> dict[str, Any]:
-    """Pids of this client, the scheduler and each worker."""
-    return {
-        "client": os.getpid(),
-        "scheduler": client.run_on_scheduler(os.getpid),
-        "workers": client.run(os.getpid),
-    }
 
 
 def child_segpipe(tif: Path, out: Path, settings: dict[str, Any]) -> dict[str, Any]:
@@ -566,17 +337,8 @@ def child_segpipe(tif: Path, out: Path, settings: dict[str, Any]) -> dict[str, A
         "threshold": summary["segmenter"]["fitted"]["threshold"],
         "n_chunks": summary["tiling"]["n_chunks"],
         "outputs": sorted(summary["outputs"]),
-        "output_bytes": _tree_bytes(out),
+        "output_bytes": tree_bytes(out),
     }
-
-
-def _tree_bytes(path: Path) -> dict[str, int]:
-    """Bytes on disk of each top-level entry of ``path``."""
-    sizes = {}
-    for child in path.iterdir():
-        files = [child] if child.is_file() else [p for p in child.rglob("*") if p.is_file()]
-        sizes[child.name] = sum(p.stat().st_size for p in files)
-    return sizes
 
 
 class WindowReader:
@@ -680,10 +442,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def check_disk(workdir: Path, sizes: list[float]) -> None:
     """Refuse to start when the scratch disk cannot hold the largest input and its copies."""
-    need = max(sizes) * GIB * 3
-    free = shutil.disk_usage(workdir).free
-    if free < need:
-        raise SystemExit(f"{workdir}: {free / GIB:.1f} GiB free, need about {need / GIB:.1f} GiB")
+    check_free(workdir, max(sizes) * GIB * 3)
 
 
 def main(argv: list[str]) -> None:
@@ -715,7 +474,5 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["_child"]:
         child_main(sys.argv[2:])
-    elif sys.argv[1:2] == ["_cluster"]:
-        serve_cluster(json.loads(sys.argv[2]))
     else:
         main(sys.argv[1:])
