@@ -108,8 +108,9 @@ def touch_seams(
         if spec.index[axis] + 1 >= grid.counts[axis]:
             continue
         seam = spec.write.stop[axis]
-        start = [s - 1 for s in spec.write.start]
-        stop = [s + 1 for s in spec.write.stop]
+        margin = 0 if connectivity == 1 else 1  # diagonal contacts reach one voxel past the face
+        start = [s - margin for s in spec.write.start]
+        stop = [s + margin for s in spec.write.stop]
         start[axis], stop[axis] = seam - 1, seam + 1
         box = Box(tuple(start), tuple(stop)).intersect(image)
         slab = globalize(zarr_store.read_box(local, box), box, grid, offsets)
@@ -193,7 +194,12 @@ def relabel_chunk(
     stuff ids and every stuff pixel gets its class's segment id.
     """
     ids = zarr_store.read_box(local, spec.write)
-    final = relabel.apply(_shift(ids, offset)) if merge != "none" else ids.astype(np.uint64)
+    if merge == "none":
+        final = ids.astype(np.uint64)
+    else:  # chunk-local ids are 1..n: relabel the n ids once, then look every voxel up
+        lut = relabel.apply(np.arange(int(ids.max(initial=0)) + 1, dtype=np.uint64) + np.uint64(offset))
+        lut[0] = 0
+        final = lut[ids]
     classes = None
     if merge == "touch":
         classes = zarr_store.read_box(local.parent / "classes", spec.write)
