@@ -48,7 +48,7 @@ def two_disks(tmp_path_factory) -> tuple[Path, list[np.ndarray]]:
 def _clicks(crs: str | None = None) -> list[dict[str, float]]:
     points = []
     for i, (row, col) in enumerate(CENTRES):
-        x, y = TRANSFORM * (col + 0.5, row + 0.5)
+        x, y = TRANSFORM @ (col + 0.5, row + 0.5)
         if crs:
             x, y = Transformer.from_crs("EPSG:32616", crs, always_xy=True).transform(x, y)
         points.append({"x": x, "y": y, "id": 10 + i})
