@@ -19,41 +19,47 @@ foreground voxels form a bijection. Run ``python benchmarks/bench_label.py -h``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
-import platform
-import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import psutil
+from common import (
+    FOREIGN_WARN_PCT,
+    GIB,
+    MIB,
+    REPO,
+    RESULTS,
+    SAMPLE_EVERY_S,
+    add_usage,
+    check_disk,
+    cluster_host,
+    cluster_roles,
+    fmt,
+    machine,
+    peak,
+    remove,
+    run_sampled,
+    say,
+    tree_bytes,
+    vm_hwm,
+)
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 if str(REPO) not in sys.path:  # `python benchmarks/bench_label.py` from anywhere
     sys.path.insert(0, str(REPO))
 
-from pipeline.data import VolumeRef  # noqa: E402
-from pipeline.io import zarr_store  # noqa: E402
-from pipeline.tiling import Box  # noqa: E402
+from pipeline.data import VolumeRef
+from pipeline.io import zarr_store
+from pipeline.tiling import Box
 
-RESULTS = HERE / "results"
-MIB = 2**20
-GIB = 2**30
-SAMPLE_EVERY_S = 0.1
-SERIES_POINTS = 400
-FOREIGN_WARN_PCT = 10
 KINDS = ("segpipe", "dask-image", "scipy")
 VOLUME = VolumeRef((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), ((1.0, 0, 0), (0, 1.0, 0), (0, 0, 1.0)))
 #: (lattice spacing, Gaussian sigma, weight) of each octave of the random field, in voxels: large
@@ -149,141 +155,16 @@ def generate_input(path: Path, shape: tuple[int, ...], chunk: int, seed: int) ->
         "voxels": voxels,
         "foreground_fraction": foreground / voxels,
         "seconds": time.perf_counter() - t0,
-        "zarr_bytes": tree_bytes(path),
+        "zarr_bytes": total_bytes(path),
         "seed": seed,
         "octaves": [list(o) for o in OCTAVES],
         "level": LEVEL,
     }
 
 
-def tree_bytes(path: Path) -> int:
-    """Bytes of all files under ``path``."""
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-# --------------------------------------------------------------------------- RSS sampling
-
-
-@dataclass
-class ProcStat:
-    """What the sampler saw of one process."""
-
-    pid: int
-    cmdline: str
-    peak_rss: int = 0
-    hwm: int = 0
-    cpu_s: float = 0.0
-    series: list[tuple[float, int]] = field(default_factory=list)
-
-
-class TreeSampler:
-    """Background thread sampling RSS and CPU time of a process and all its descendants."""
-
-    def __init__(self, root_pid: int, every_s: float = SAMPLE_EVERY_S) -> None:
-        self.root = psutil.Process(root_pid)
-        self.every_s = every_s
-        self.stats: dict[int, ProcStat] = {}
-        self.busy0, self.t0 = busy_cpu_s(), time.time()
-        self.busy_s = self.duration_s = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def __enter__(self) -> TreeSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.busy_s = busy_cpu_s() - self.busy0
-        self.duration_s = time.time() - self.t0
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.sample()
-            self._stop.wait(self.every_s)
-
-    def sample(self) -> None:
-        """Record every process of the tree now."""
-        try:
-            procs = [self.root, *self.root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return
-        now = time.time()
-        for proc in procs:
-            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                self._record(proc, now)
-
-    def _record(self, proc: psutil.Process, now: float) -> None:
-        stat = self.stats.get(proc.pid)
-        if stat is None:
-            stat = self.stats[proc.pid] = ProcStat(proc.pid, " ".join(proc.cmdline())[:160])
-        rss = proc.memory_info().rss
-        cpu = proc.cpu_times()
-        stat.peak_rss = max(stat.peak_rss, rss)
-        stat.hwm = max(stat.hwm, vm_hwm(proc.pid))
-        stat.cpu_s = max(stat.cpu_s, cpu.user + cpu.system)
-        stat.series.append((now, rss))
-
-
-def busy_cpu_s() -> float:
-    """CPU seconds the whole machine (all cores) spent busy since boot."""
-    t = psutil.cpu_times()
-    return float(sum(t)) - t.idle - getattr(t, "iowait", 0.0)
-
-
-def vm_hwm(pid: int | str) -> int:
-    """The kernel's peak RSS (VmHWM) of ``pid`` in bytes, 0 if unreadable."""
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def downsample(series: list[tuple[float, int]], t0: float) -> list[list[float]]:
-    """``[[seconds since t0, MiB], ...]``, at most ~SERIES_POINTS samples (max per bucket)."""
-    step = max(1, len(series) // SERIES_POINTS)
-    out = []
-    for i in range(0, len(series), step):
-        t, rss = max(series[i : i + step], key=lambda p: p[1])
-        out.append([round(t - t0, 2), round(rss / MIB, 1)])
-    return out
-
-
-def role_names(stats: dict[int, ProcStat], roles: dict[str, Any]) -> dict[int, str]:
-    """Role of each sampled pid, from the pids the child reported."""
-    names = {int(roles["client"]): "client"}
-    if roles.get("scheduler"):
-        names[int(roles["scheduler"])] = "scheduler"
-    for i, (_addr, pid) in enumerate(sorted(roles.get("workers", {}).items()), start=1):
-        names[int(pid)] = f"worker-{i}"
-    for pid, stat in stats.items():
-        if pid in names:
-            continue
-        if "resource_tracker" in stat.cmdline:
-            names[pid] = f"mp-resource-tracker-{pid}"
-        elif "spawn_main" in stat.cmdline:
-            names[pid] = f"worker-restarted-{pid}"
-        else:
-            names[pid] = f"other-{pid}"
-    return names
-
-
-def memory_report(sampler: TreeSampler, roles: dict[str, Any], t_start: float) -> dict[str, Any]:
-    """Per-role sampled peak RSS, kernel VmHWM, CPU seconds and RSS series (from the run start)."""
-    names = role_names(sampler.stats, roles)
-    return {
-        names[pid]: {
-            "pid": pid,
-            "peak_rss_mib": round(stat.peak_rss / MIB, 1),
-            "vm_hwm_mib": round(stat.hwm / MIB, 1),
-            "cpu_s": round(stat.cpu_s, 2),
-            "cmdline": stat.cmdline,
-            "rss_series_s_mib": downsample(stat.series, t_start),
-        }
-        for pid, stat in sorted(sampler.stats.items())
-    }
+def total_bytes(path: Path) -> int:
+    """Bytes of all files under ``path`` (0 if it does not exist)."""
+    return sum(tree_bytes(path).values()) if path.is_dir() else 0
 
 
 # --------------------------------------------------------------------------- orchestration
@@ -311,43 +192,16 @@ def run_child(kind: str, source: Path, out: Path, settings: Settings, log: Path)
     result = out.parent / f"{out.name}.result.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "_child", kind, str(source), str(out), str(result)]
     cmd.append(json.dumps(asdict(settings)))
-    with log.open("w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
-        with TreeSampler(proc.pid) as sampler:
-            rc = wait_or_kill(proc, settings.run_timeout_s)
+    rc, sampler = run_sampled(cmd, log, settings.run_timeout_s)
     if rc is None:
         record = timed_out_record(roles_file(result), settings.run_timeout_s)
     elif rc != 0 or not result.exists():
         raise RuntimeError(f"{kind} failed (exit {rc}); log {log}:\n{log.read_text()[-4000:]}")
     else:
         record = json.loads(result.read_text())
-    record["memory"] = memory_report(sampler, record.pop("roles"), record["started_at"])
-    tree_cpu = sum(s.cpu_s for s in sampler.stats.values())
-    record["cpu_s_tree"] = round(tree_cpu, 2)
-    record["cpu_s_foreign"] = round(max(0.0, sampler.busy_s - tree_cpu), 2)
-    capacity = sampler.duration_s * (os.cpu_count() or 1)
-    record["foreign_load_pct"] = round(100 * record["cpu_s_foreign"] / capacity, 1)
-    record["output_bytes"] = tree_bytes(out)
+    add_usage(record, sampler, "started_at", scheduler="scheduler", tracker="mp-resource-tracker-{pid}")
+    record["output_bytes"] = total_bytes(out)
     return record
-
-
-def wait_or_kill(proc: subprocess.Popen[bytes], timeout_s: float) -> int | None:
-    """Exit status of ``proc``; ``None`` when it ran past ``timeout_s`` and was killed."""
-    try:
-        return proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc.pid)
-        proc.wait()
-        return None
-
-
-def kill_tree(pid: int) -> None:
-    """Kill ``pid`` (a process this benchmark started) and all its descendants, by pid."""
-    with contextlib.suppress(psutil.NoSuchProcess):
-        root = psutil.Process(pid)
-        for proc in [*root.children(recursive=True), root]:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
 
 
 def roles_file(result: Path) -> Path:
@@ -373,11 +227,6 @@ def timed_out_record(roles: Path, timeout_s: float) -> dict[str, Any]:
 def labels_path(kind: str, out: Path) -> Path:
     """Where the label map of a measurement lies."""
     return out / "staging.zarr" / "labels" if kind == "segpipe" else out
-
-
-def say(text: str) -> None:
-    """Progress line on stderr (the table goes to stdout)."""
-    print(text, file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- partitions
@@ -431,17 +280,6 @@ def compare_partitions(paths: dict[str, Path], shape: tuple[int, ...], chunk: in
 
 
 # --------------------------------------------------------------------------- report
-
-
-def peak(record: dict[str, Any], role: str, key: str = "peak_rss_mib") -> float | None:
-    """Sampled peak RSS (MiB), or another ``key``, of process ``role`` in a record."""
-    entry = record["memory"].get(role)
-    return None if entry is None else entry[key]
-
-
-def fmt(value: float | None, width: int, spec: str) -> str:
-    """``value`` formatted with ``spec``, right-aligned in ``width``; ``-`` when missing."""
-    return ("-" if value is None else format(value, spec)).rjust(width)
 
 
 def same_text(record: dict[str, Any]) -> str:
@@ -554,12 +392,7 @@ def write_json(records: list[dict[str, Any]], settings: Settings, data: dict[str
     path = RESULTS / f"bench_label-{time.strftime('%Y%m%d-%H%M%S')}.json"
     payload = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "ram_gib": round(psutil.virtual_memory().total / GIB, 1),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
+        "machine": machine(),
         "settings": asdict(settings),
         "input": data,
         "table": text,
@@ -570,55 +403,6 @@ def write_json(records: list[dict[str, Any]], settings: Settings, data: dict[str
 
 
 # --------------------------------------------------------------------------- children
-
-
-@contextlib.contextmanager
-def cluster_host(settings: dict[str, Any]) -> Iterator[str]:
-    """Start a LocalCluster (pipeline.cluster.connect) in a subprocess; yield its address."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "_cluster", json.dumps(settings)]
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
-    try:
-        assert proc.stdout is not None
-        address = proc.stdout.readline().strip()
-        if not address:
-            raise RuntimeError("the cluster host process did not start")
-        yield address
-    finally:
-        if proc.stdin is not None:
-            proc.stdin.close()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def serve_cluster(settings: dict[str, Any]) -> None:
-    """Child mode ``_cluster``: hold a LocalCluster open until stdin closes."""
-    import dask
-
-    from pipeline.cluster import connect
-
-    if settings.get("scratch"):  # spill files under the benchmark's workdir, deleted with it
-        os.environ["DASK_TEMPORARY_DIRECTORY"] = settings["scratch"]
-        dask.config.set({"temporary-directory": settings["scratch"]})
-    with connect(
-        n_workers=settings["n_workers"],
-        threads_per_worker=settings["threads_per_worker"],
-        memory_limit=settings["memory_limit"],
-        dashboard=False,
-    ) as client:
-        client.wait_for_workers(settings["n_workers"])
-        print(client.scheduler_info()["address"], flush=True)
-        sys.stdin.read()
-
-
-def cluster_roles(client: Any) -> dict[str, Any]:
-    """Pids of this client, the scheduler and each worker."""
-    return {
-        "client": os.getpid(),
-        "scheduler": client.run_on_scheduler(os.getpid),
-        "workers": client.run(os.getpid),
-    }
 
 
 def announce(roles_path: Path, roles: dict[str, Any]) -> float:
@@ -786,14 +570,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def check_disk(workdir: Path, voxels: int) -> None:
-    """Refuse to start without room for the input and three compressed label maps."""
-    need = max(2 * GIB, voxels * 4)  # generous: compressed labels take far less than 4 B/voxel
-    free = shutil.disk_usage(workdir).free
-    if free < need:
-        raise SystemExit(f"{workdir}: {free / GIB:.1f} GiB free, need about {need / GIB:.1f} GiB")
-
-
 def run_all(kinds: list[str], source: Path, settings: Settings, workdir: Path) -> list[dict[str, Any]]:
     """Every measurement in turn (scipy last); returns their records."""
     records = []
@@ -802,8 +578,8 @@ def run_all(kinds: list[str], source: Path, settings: Settings, workdir: Path) -
         say(f"{kind} ...")
         record = run_child(kind, source, out, settings, workdir / f"{kind}.log")
         record.update(kind=kind, voxels=math.prod(settings.shape), labels=str(labels_path(kind, out)))
-        record["scratch_bytes"] = tree_bytes(workdir)
-        shutil.rmtree(settings.scratch, ignore_errors=True)  # spill files of this run
+        record["scratch_bytes"] = total_bytes(workdir)
+        remove(Path(settings.scratch))  # spill files of this run
         done = "timed out" if record.get("timed_out") else f"{record['objects']} objects"
         say(f"  {record['wall_s']:.1f} s, {done}")
         records.append(record)
@@ -819,14 +595,15 @@ def main(argv: list[str]) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     scratch = workdir / "dask-scratch"
     settings = Settings((args.size,) * 3, args.chunk, args.memory_limit, args.run_timeout, str(scratch))
-    check_disk(workdir, math.prod(settings.shape))
+    # room for the input and three label maps; generous: compressed labels take far less than 4 B/voxel
+    check_disk(workdir, max(2 * GIB, math.prod(settings.shape) * 4))
     t0 = time.perf_counter()
     try:
         say(f"generating {args.size}^3 input (chunks {args.chunk}^3) ...")
         data = generate_input(workdir / "input.zarr", settings.shape, args.chunk, args.seed)
         say(f"  {data['seconds']:.1f} s, {100 * data['foreground_fraction']:.1f}% foreground")
         records = run_all(kinds, workdir / "input.zarr", settings, workdir)
-        data["scratch_bytes"] = tree_bytes(workdir)
+        data["scratch_bytes"] = total_bytes(workdir)
         say("comparing partitions chunk by chunk ...")
         checks = compare_partitions(
             {r["kind"]: Path(r["labels"]) for r in records if not r.get("timed_out")},
@@ -835,7 +612,7 @@ def main(argv: list[str]) -> None:
         )
     finally:
         if own:
-            shutil.rmtree(workdir, ignore_errors=True)
+            remove(workdir)
     for r in records:
         r["vs_scipy"] = checks.get(r["kind"])
     text = render(records, settings, data)
@@ -847,7 +624,5 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["_child"]:
         child_main(sys.argv[2:])
-    elif sys.argv[1:2] == ["_cluster"]:
-        serve_cluster(json.loads(sys.argv[2]))
     else:
         main(sys.argv[1:])

@@ -136,8 +136,8 @@ def busy_cpu_s() -> float:
     return float(sum(t)) - t.idle - getattr(t, "iowait", 0.0)
 
 
-def vm_hwm(pid: int) -> int:
-    """The kernel's peak RSS (VmHWM) of ``pid`` in bytes, 0 if unreadable."""
+def vm_hwm(pid: int | str) -> int:
+    """The kernel's peak RSS (VmHWM) of ``pid`` (or ``"self"``) in bytes, 0 if unreadable."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -160,18 +160,27 @@ def downsample(series: list[tuple[float, int]], t0: float, points: int) -> list[
     return out
 
 
-def label_processes(stats: dict[int, ProcStat], roles: dict[str, Any]) -> dict[int, str]:
-    """Role of each sampled pid from the pids the child reported."""
+def label_processes(
+    stats: dict[int, ProcStat],
+    roles: dict[str, Any],
+    scheduler: str = "scheduler+nannies",
+    tracker: str = "mp-resource-tracker",
+) -> dict[int, str]:
+    """Role of each sampled pid from the pids the child reported.
+
+    ``scheduler`` names the cluster host process; ``tracker`` (a format string of ``pid``)
+    names multiprocessing resource trackers.
+    """
     labels = {int(roles["client"]): "client"}
     if roles.get("scheduler"):
-        labels[int(roles["scheduler"])] = "scheduler+nannies"
+        labels[int(roles["scheduler"])] = scheduler
     for i, (_addr, pid) in enumerate(sorted(roles.get("workers", {}).items()), start=1):
         labels[int(pid)] = f"worker-{i}"
     for pid, stat in stats.items():
         if pid in labels:
             continue
         if "resource_tracker" in stat.cmdline:
-            labels[pid] = "mp-resource-tracker"
+            labels[pid] = tracker.format(pid=pid)
         elif "spawn_main" in stat.cmdline:
             labels[pid] = f"worker-restarted-{pid}"
         else:
@@ -179,9 +188,12 @@ def label_processes(stats: dict[int, ProcStat], roles: dict[str, Any]) -> dict[i
     return labels
 
 
-def memory_report(sampler: TreeSampler, roles: dict[str, Any], t_job: float) -> dict[str, Any]:
-    """Per-role peak RSS (sampled, kernel VmHWM), CPU seconds, RSS series from job start."""
-    labels = label_processes(sampler.stats, roles)
+def memory_report(sampler: TreeSampler, roles: dict[str, Any], t_job: float, **names: str) -> dict[str, Any]:
+    """Per-role peak RSS (sampled, kernel VmHWM), CPU seconds, RSS series from job start.
+
+    ``names``: the role names of :func:`label_processes` (``scheduler``, ``tracker``).
+    """
+    labels = label_processes(sampler.stats, roles, **names)
     report: dict[str, Any] = {}
     for pid, stat in sorted(sampler.stats.items()):
         report[labels[pid]] = {
@@ -195,18 +207,46 @@ def memory_report(sampler: TreeSampler, roles: dict[str, Any], t_job: float) -> 
     return report
 
 
-def run_sampled(cmd: list[str], log: Path) -> tuple[int, TreeSampler]:
-    """Run ``cmd`` (output to ``log``) while sampling its process tree; exit status and sampler."""
+def run_sampled(cmd: list[str], log: Path, timeout_s: float | None = None) -> tuple[int | None, TreeSampler]:
+    """Run ``cmd`` (output to ``log``) while sampling its process tree; exit status and sampler.
+
+    With ``timeout_s``, a run still going after that many seconds is killed (its whole process
+    tree) and its exit status is ``None``.
+    """
     with log.open("w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
         with TreeSampler(proc.pid) as sampler:
-            rc = proc.wait()
+            rc = wait_or_kill(proc, timeout_s)
     return rc, sampler
 
 
-def add_usage(record: dict[str, Any], sampler: TreeSampler) -> None:
-    """Memory per role, CPU of the tree, and the CPU used by foreign processes meanwhile."""
-    record["memory"] = memory_report(sampler, record.pop("roles"), record["job_started_at"])
+def wait_or_kill(proc: subprocess.Popen[bytes], timeout_s: float | None) -> int | None:
+    """Exit status of ``proc``; ``None`` when it ran past ``timeout_s`` and was killed."""
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        proc.wait()
+        return None
+
+
+def kill_tree(pid: int) -> None:
+    """Kill ``pid`` (a process this benchmark started) and all its descendants, by pid."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        root = psutil.Process(pid)
+        for proc in [*root.children(recursive=True), root]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+
+
+def add_usage(
+    record: dict[str, Any], sampler: TreeSampler, start_key: str = "job_started_at", **names: str
+) -> None:
+    """Memory per role, CPU of the tree, and the CPU used by foreign processes meanwhile.
+
+    The RSS series count from ``record[start_key]``; ``names`` as for :func:`label_processes`.
+    """
+    record["memory"] = memory_report(sampler, record.pop("roles"), record[start_key], **names)
     tree_cpu = sum(s.cpu_s for s in sampler.stats.values())
     record["cpu_s_tree"] = round(tree_cpu, 2)
     record["cpu_s_foreign"] = round(max(0.0, sampler.busy_s - tree_cpu), 2)
@@ -249,9 +289,17 @@ def cluster_host(settings: dict[str, Any]) -> Iterator[str]:
 
 
 def serve_cluster(settings: dict[str, Any]) -> None:
-    """Child mode ``_cluster``: hold a LocalCluster open until stdin closes."""
+    """Child mode ``_cluster``: hold a LocalCluster open until stdin closes.
+
+    With ``settings["scratch"]``, the workers spill under that folder.
+    """
     from pipeline.cluster import connect
 
+    if settings.get("scratch"):  # spill files under the benchmark's workdir, deleted with it
+        import dask
+
+        os.environ["DASK_TEMPORARY_DIRECTORY"] = settings["scratch"]
+        dask.config.set({"temporary-directory": settings["scratch"]})
     with connect(
         n_workers=settings["n_workers"],
         threads_per_worker=settings["threads_per_worker"],
