@@ -15,13 +15,14 @@ value the matching ``skimage.filters.threshold_*`` function returns on the whole
 
 from __future__ import annotations
 
-from typing import Literal
+import copy
+from typing import Any, Literal, cast
 
 import numpy as np
 from skimage.filters import threshold_multiotsu, threshold_otsu, threshold_yen
 
 from pipeline.errors import ConfigError
-from pipeline.models.base import Reducer
+from pipeline.models.base import Reducer, Segmenter
 from pipeline.models.classical import histogram as hist
 from pipeline.models.classical import li
 
@@ -124,3 +125,37 @@ def fit_threshold(
             return li_integer(h)
         return li.fit_li_float(reduce, values, float(h.lo), max_iter=max_iter)
     return {"otsu": otsu, "yen": yen, "triangle": triangle}[method](h)
+
+
+class GlobalThreshold(Segmenter):
+    """Base of segmenters whose ``params.threshold`` is a number or a method fitted globally.
+
+    Subclasses set ``self.threshold`` for a fixed number and provide ``core_values``.
+    """
+
+    threshold: float | None = None
+    params: Any
+
+    def core_values(self, block: np.ndarray, valid: np.ndarray, core: tuple[slice, ...]) -> np.ndarray:
+        """The values the global threshold is fitted on (a chunk's core)."""
+        raise NotImplementedError
+
+    def fit(self, reduce: Reducer) -> GlobalThreshold:
+        t = self.params.threshold
+        if not isinstance(t, str):
+            return self
+        fitted = copy.copy(self)
+        method = cast(AutoMethod, t)  # validated by the params model
+        fitted.threshold = fit_threshold(
+            reduce, self.core_values, method, nbins=self.params.nbins, what=self.name
+        )
+        return fitted
+
+    def fitted_values(self) -> dict[str, Any]:
+        return {"threshold": self.threshold} if isinstance(self.params.threshold, str) else {}
+
+    def fitted_threshold(self) -> float:
+        """The threshold to apply; an error before a method-named threshold is fitted."""
+        if self.threshold is None:
+            raise ConfigError(f"{self.name} must be fitted before it is applied (call fit first)")
+        return self.threshold

@@ -13,17 +13,15 @@ second half of Canny) links edges across the whole image and is not a per-chunk 
 
 from __future__ import annotations
 
-import copy
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 from pydantic import Field
 from scipy import ndimage
 from skimage import filters
 
-from pipeline.errors import ConfigError
-from pipeline.models.base import ImageInfo, Reducer, Segmenter, SegmenterParams, register
-from pipeline.models.classical.autothreshold import AutoMethod, fit_threshold
+from pipeline.models.base import ImageInfo, Segmenter, SegmenterParams, register
+from pipeline.models.classical.autothreshold import AutoMethod, GlobalThreshold
 from pipeline.models.classical.threshold import TRUNCATE, resolve_band
 
 Operator = Literal["sobel", "scharr", "prewitt"]
@@ -66,7 +64,7 @@ class EdgesParams(SegmenterParams):
 
 
 @register
-class Edges(Segmenter):
+class Edges(GlobalThreshold):
     """Binary edge map from the gradient magnitude, threshold fixed or fitted on the whole image."""
 
     name = "edges"
@@ -101,19 +99,7 @@ class Edges(Segmenter):
         mag, defined = self.magnitude(block, valid)
         return mag[core][defined[core]]
 
-    def fit(self, reduce: Reducer) -> Edges:
-        t = self.params.threshold
-        if not isinstance(t, str):
-            return self
-        fitted = copy.copy(self)
-        fitted.threshold = fit_threshold(reduce, self.core_values, t, nbins=self.params.nbins, what=self.name)
-        return fitted
-
-    def fitted_values(self) -> dict[str, Any]:
-        return {"threshold": self.threshold} if isinstance(self.params.threshold, str) else {}
-
     def __call__(self, block: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        if self.threshold is None:
-            raise ConfigError(f"{self.name} must be fitted before it is applied (call fit first)")
+        threshold = self.fitted_threshold()
         mag, defined = self.magnitude(block, valid)
-        return edge_labels(mag, defined, valid, self.threshold)
+        return edge_labels(mag, defined, valid, threshold)

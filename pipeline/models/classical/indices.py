@@ -22,7 +22,7 @@ from pydantic import Field
 
 from pipeline.errors import ConfigError
 from pipeline.models.base import ImageInfo, Reducer, Segmenter, SegmenterParams, register
-from pipeline.models.classical.autothreshold import AutoMethod, fit_threshold
+from pipeline.models.classical.autothreshold import AutoMethod, GlobalThreshold, fit_threshold
 from pipeline.models.classical.threshold import resolve_band
 from pipeline.models.classical.thresholds import Foreground, binary_labels
 
@@ -96,7 +96,7 @@ class IndexParams(SegmenterParams):
 
 
 @register
-class IndexThreshold(Segmenter):
+class IndexThreshold(GlobalThreshold):
     """A normalised-difference index thresholded at a fixed or globally fitted value."""
 
     name = "index_threshold"
@@ -124,21 +124,9 @@ class IndexThreshold(Segmenter):
         """Valid index values of the chunk's core."""
         return self.feature(block[(slice(None), *core)])[valid[core]]
 
-    def fit(self, reduce: Reducer) -> IndexThreshold:
-        t = self.params.threshold
-        if not isinstance(t, str):
-            return self
-        fitted = copy.copy(self)
-        fitted.threshold = fit_threshold(reduce, self.core_values, t, nbins=self.params.nbins, what=self.name)
-        return fitted
-
-    def fitted_values(self) -> dict[str, Any]:
-        return {"threshold": self.threshold} if isinstance(self.params.threshold, str) else {}
-
     def __call__(self, block: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        if self.threshold is None:
-            raise ConfigError(f"{self.name} must be fitted before it is applied (call fit first)")
-        return binary_labels(self.feature(block), valid, self.threshold, self.params.foreground)
+        threshold = self.fitted_threshold()
+        return binary_labels(self.feature(block), valid, threshold, self.params.foreground)
 
 
 LANDCOVER_CLASSES = {1: "water", 2: "vegetation", 3: "bare_built"}
