@@ -1,0 +1,134 @@
+"""Model cards: the YAML that goes with every weights file (written by ``segpipe train``).
+
+A card says what the model is (architecture), what it eats (bands or channels, their
+normalisation, patch size), what it gives (classes), how far it looks (receptive field, the
+halo), what it was trained on, how it scored on held-apart data, and the command that made it.
+The weights file is named relative to the card and checked by its SHA-256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.errors import ConfigError, ReadError
+
+#: Shipped models: ``pipeline/models/zoo/<name>/card.yaml``.
+ZOO = Path(__file__).resolve().parent.parent / "zoo"
+
+
+class Architecture(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Literal["unet"] = "unet"
+    spatial_dims: Literal[2, 3]
+    in_channels: int = Field(ge=1)
+    out_channels: int = Field(ge=2)
+    depth: int = Field(ge=1, le=6)
+    width: int = Field(ge=1)
+    norm: Literal["batch", "none"] = "batch"
+
+    def network(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`~pipeline.models.torch.unet.UNet`."""
+        return self.model_dump(exclude={"name"})
+
+
+class Inputs(BaseModel):
+    """Which channels of the input feed the model, and how they are scaled."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: 1-based band indices or band names of the input, in model channel order.
+    bands: list[int | str]
+    mean: list[float]
+    std: list[float]
+    #: Values are clipped to this range before scaling (e.g. a CT HU window); None: no clip.
+    clip: tuple[float, float] | None = None
+
+
+class ModelCard(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    description: str = ""
+    architecture: Architecture
+    classes: dict[int, str]
+    inputs: Inputs
+    patch_size: list[int]
+    #: ``(before, after)`` reach of one output pixel, per side, and the full width.
+    receptive_field: int
+    halo: int
+    #: Instances from class maps (e.g. nuclei: foreground + boundary): which class seeds them.
+    instances: dict[str, Any] | None = None
+    weights: str = "weights.safetensors"
+    weights_sha256: str = ""
+    training: dict[str, Any] = Field(default_factory=dict)
+    validation: dict[str, Any] = Field(default_factory=dict)
+    command: str = ""
+    #: Folder the card was read from (not serialised).
+    folder: Path | None = Field(default=None, exclude=True)
+
+    @property
+    def weights_path(self) -> Path:
+        return (self.folder or Path(".")) / self.weights
+
+    def save(self, path: str | Path) -> Path:
+        """Write the card as YAML (stable key order)."""
+        p = Path(path)
+        data = self.model_dump(mode="json", exclude={"folder"})
+        p.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+        return p
+
+
+def sha256_of(path: str | Path) -> str:
+    """Hex SHA-256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_card(model: str) -> Path:
+    """The card file for ``model``: a shipped model's name, a card YAML, or a folder holding ``card.yaml``."""
+    p = Path(model).expanduser()
+    if p.is_dir():
+        p = p / "card.yaml"
+    if p.is_file():
+        return p
+    shipped = ZOO / model / "card.yaml"
+    if shipped.is_file():
+        return shipped
+    names = sorted(d.name for d in ZOO.iterdir() if (d / "card.yaml").is_file()) if ZOO.is_dir() else []
+    raise ConfigError(
+        f"model {model!r}: no such model card. Give a card YAML written by `segpipe train`, a folder "
+        f"holding card.yaml, or a shipped model: {', '.join(names) or '(none shipped)'}"
+    )
+
+
+def load_card(model: str | Path, *, check_weights: bool = True) -> ModelCard:
+    """Read and validate a model card; the weights file must exist and match its checksum."""
+    path = resolve_card(str(model))
+    try:
+        raw = yaml.safe_load(path.read_text())
+        card = ModelCard.model_validate(raw)
+    except (yaml.YAMLError, ValidationError) as e:
+        raise ReadError(f"{path}: not a valid model card ({e})") from None
+    card.folder = path.parent
+    if check_weights:
+        w = card.weights_path
+        if not w.is_file():
+            raise ReadError(
+                f"{path}: its weights file {w} is missing; re-run the training command in the card "
+                f"({card.command or 'segpipe train ...'})"
+            )
+        if card.weights_sha256 and sha256_of(w) != card.weights_sha256:
+            raise ReadError(
+                f"{w}: checksum differs from the card {path} (weights_sha256); the weights were "
+                "changed or truncated. Re-train or restore the file that goes with this card."
+            )
+    return card
