@@ -24,6 +24,7 @@ console = Console(stderr=True)
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``segpipe`` console script; returns the exit code."""
     args = _parser().parse_args(argv)
+    args.argv = None if argv is None else list(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
@@ -83,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     segs.add_argument("--json", action="store_true", help="machine-readable output")
     segs.set_defaults(func=_cmd_segmenters)
     _eval_parser(sub)
+    _train_parser(sub)
     rep = sub.add_parser("report", help="HTML report (with PNG figures) of a finished run folder")
     rep.add_argument("run_dir", help="a run's output folder (holding summary.json)")
     rep.add_argument("--eval", dest="eval_dir", help="a folder written by segpipe eval --out")
@@ -107,6 +109,44 @@ def _eval_parser(sub: Any) -> None:
     ev.add_argument("--allow-missing-crs", action="store_true", help="accept rasters without a CRS")
     ev.add_argument("--scheduler", help="address of an existing Dask scheduler")
     ev.set_defaults(func=_cmd_eval)
+
+
+def _train_parser(sub: Any) -> None:
+    tr = sub.add_parser("train", help="train a U-Net from image/label pairs (weights + model card)")
+    tr.add_argument("job", help="training job YAML (see jobs/train/)")
+    tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    tr.add_argument("--restart", action="store_true", help="discard the checkpoint and staged data")
+    tr.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="recompute the card's validation scores from the saved card and weights",
+    )
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import shlex
+
+    from pipeline.runner.train_spec import load_train_job
+    from pipeline.runner.training import evaluate_trained, train_job
+
+    job = load_train_job(args.job, args.overrides)
+    if args.evaluate:
+        print(json.dumps(evaluate_trained(job)))
+        return 0
+    command = (
+        shlex.join(["segpipe", *sys.argv[1:]]) if args.argv is None else shlex.join(["segpipe", *args.argv])
+    )
+    outcome = train_job(job, command=command, restart=args.restart, progress=not args.no_progress)
+    r = outcome.result
+    if r.resumed_from:
+        print(f"{job.name}: resumed from epoch {r.resumed_from} ({outcome.card.parent})")
+    print(
+        f"{job.name}: {r.epochs_run} epochs (best {r.best_epoch}, mean Dice "
+        f"{r.best_scores.get('mean_dice')}) -> {outcome.card}"
+    )
+    return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
