@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ from rasterio.windows import Window
 
 from pipeline.data.geometry import GeoRef, check_same_geometry
 from pipeline.errors import InvalidImageError, ReadError, WriteError
+from pipeline.io.overviews import Resampling, check_resampling, write_overviews
 from pipeline.tiling import Box
 
 # Rasters without georeference are refused unless a job allows them; once allowed, GDAL's
@@ -107,32 +109,42 @@ def write_cog(
     windows: Callable[[], Iterator[tuple[Box, np.ndarray]]],
     *,
     nodata: float | None,
-    resampling: str = "NEAREST",
+    resampling: Resampling = "MODE",
+    bands: int = 1,
+    blocksize: int = 256,
 ) -> Path:
-    """Write a single-band COG window by window; verify it; move it into place.
+    """Write a COG window by window, with overviews; verify it; move it into place.
 
-    ``windows()`` yields ``(box, array)`` pairs covering the raster. The data goes to a hidden
-    tiled GeoTIFF, then GDAL's COG driver copies it (internal tiles, overviews, deflate) to a
-    hidden name; only after the geometry is checked is it renamed to ``path``.
+    ``windows()`` yields ``(box, array)`` pairs covering the raster, arrays ``(h, w)`` or
+    ``(bands, h, w)``. The data goes to a hidden tiled GeoTIFF, its overview levels are reduced
+    from it 2x2 block by 2x2 block with ``resampling`` (``MODE`` or ``NEAREST`` for labels,
+    ``AVERAGE`` for scores; see :mod:`pipeline.io.overviews`), then GDAL's COG driver copies it
+    (internal ``blocksize`` tiles, those overviews, deflate) to a hidden name; only after the
+    geometry is checked is it renamed to ``path``.
     """
+    resampling = check_resampling(resampling)
     path.parent.mkdir(parents=True, exist_ok=True)
     stage = path.with_name(f".tmp-{path.stem}.stage.tif")
     tmp = path.with_name(f".tmp-{path.name}")
     try:
         with rasterio.Env(**COG_ENV):
-            _write_tiled(stage, georef, shape, dtype, windows, nodata)
+            _write_tiled(stage, georef, shape, (bands, dtype), windows, nodata)
+            levels = write_overviews(stage, resampling, nodata, blocksize=blocksize)
             rasterio.shutil.copy(
                 stage,
                 tmp,
                 driver="COG",
                 COMPRESS="DEFLATE",
-                BLOCKSIZE=256,
-                OVERVIEW_RESAMPLING=resampling,
+                BLOCKSIZE=blocksize,
+                OVERVIEWS="FORCE_USE_EXISTING" if levels else "NONE",
                 BIGTIFF="IF_SAFER",
             )
 
         verify_raster(tmp, georef, shape, nodata)
+        _check_overviews(tmp, len(levels))
         os.replace(tmp, path)
+    except WriteError:
+        raise
     except (RasterioError, CPLE_BaseError, OSError) as e:  # GDAL write errors, EFBIG, ENOSPC
         raise WriteError(f"{path}: writing the COG failed ({e}); check free disk space and quotas") from e
     finally:
@@ -141,19 +153,30 @@ def write_cog(
     return path
 
 
+def _check_overviews(path: Path, expected: int) -> None:
+    with rasterio.open(path) as ds:
+        found = len(ds.overviews(1))
+    if found != expected:
+        raise WriteError(
+            f"{path}: the COG holds {found} overview levels, not the {expected} segpipe built; "
+            "GDAL did not copy them. Check the GDAL version (3.2+ is needed for OVERVIEWS)"
+        )
+
+
 def _write_tiled(
     stage: Path,
     georef: GeoRef,
     shape: tuple[int, int],
-    dtype: str,
+    layout: tuple[int, str],
     windows: Callable[[], Iterator[tuple[Box, np.ndarray]]],
     nodata: float | None,
 ) -> None:
+    bands, dtype = layout
     profile = {
         "driver": "GTiff",
         "height": shape[0],
         "width": shape[1],
-        "count": 1,
+        "count": bands,
         "dtype": dtype,
         "tiled": True,
         "blockxsize": 256,
@@ -168,7 +191,8 @@ def _write_tiled(
     with rasterio.open(stage, "w", **profile) as dst:
         for box, data in windows():
             (y0, x0), (y1, x1) = box.start, box.stop
-            dst.write(data, 1, window=Window(x0, y0, x1 - x0, y1 - y0))
+            block = data if data.ndim == 3 else data[None]
+            dst.write(block, window=Window(x0, y0, x1 - x0, y1 - y0))
 
 
 def verify_raster(path: Path, georef: GeoRef, shape: tuple[int, int], nodata: float | None) -> None:
@@ -176,8 +200,14 @@ def verify_raster(path: Path, georef: GeoRef, shape: tuple[int, int], nodata: fl
     with rasterio.open(path) as ds:
         actual = GeoRef(ds.crs.to_wkt() if ds.crs else None, tuple(ds.transform)[:6])
         check_same_geometry(georef, actual, what=str(path), same_crs=same_crs)
-        if (ds.height, ds.width) != tuple(shape) or ds.nodata != nodata:
+        if (ds.height, ds.width) != tuple(shape) or not _same_nodata(ds.nodata, nodata):
             raise WriteError(
                 f"{path}: size {(ds.height, ds.width)} / nodata {ds.nodata} differ "
                 f"from the expected {tuple(shape)} / {nodata}"
             )
+
+
+def _same_nodata(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a == b or (math.isnan(a) and math.isnan(b))

@@ -19,6 +19,7 @@ import pandas as pd
 from pipeline.data.geometry import GeoRef, VolumeRef
 from pipeline.io import geo, medical, tables, vector, zarr_store
 from pipeline.io.ome_zarr import write_ome_zarr
+from pipeline.io.overviews import Resampling
 from pipeline.io.quicklook import write_quicklook
 from pipeline.metrics import write_tile_table
 from pipeline.metrics.tiles import seam_scores
@@ -42,6 +43,13 @@ LIBRARIES = (
     "scipy",
     "torch",
 )
+
+#: Overviews of label maps: MODE, the most frequent valid label of each 2x2 block (ties to the
+#: smallest). A zoomed-out view then shows the class covering most of each block, class areas
+#: stay close to the full-resolution ones, and a block is nodata only when all of it is. NEAREST
+#: keeps one pixel in four: thin classes (rivers, roads) alias and flicker between levels.
+#: Float score rasters (probabilities, uncertainty) take AVERAGE.
+LABEL_OVERVIEWS: Resampling = "MODE"
 
 
 def finalize(plan: Plan, segmenter: Segmenter) -> dict[str, str]:
@@ -150,7 +158,15 @@ def _write_cog(plan: Plan, labels: Path, segmenter: Segmenter) -> Path:
 
     shape = plan.source.spatial_shape
     dtype = zarr_store.array_info(labels)[1]
-    return geo.write_cog(plan.out / "labels.tif", georef, (shape[0], shape[1]), dtype, windows, nodata=nodata)
+    return geo.write_cog(
+        plan.out / "labels.tif",
+        georef,
+        (shape[0], shape[1]),
+        dtype,
+        windows,
+        nodata=nodata,
+        resampling=LABEL_OVERVIEWS,
+    )
 
 
 def write_summary(

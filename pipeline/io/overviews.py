@@ -1,0 +1,164 @@
+"""COG overview levels built by segpipe from the full-resolution raster, 2x2 block by 2x2 block.
+
+GDAL's own overview resampling does not reduce exact 2x2 blocks when a side is odd: the COG
+driver makes levels of ``floor(n / 2)`` pixels and ``gdaladdo`` of ``ceil(n / 2)``, and both
+then resample with the ratio ``n / m`` (1.996 for 513 -> 257), so along an odd axis almost every
+overview pixel's window spans three source pixels and overlaps its neighbours' (MODE), or mixes
+partial pixels by weight (AVERAGE). Here every level is defined exactly, so it can be checked:
+
+- level ``k`` has ``ceil(n_{k-1} / 2)`` pixels per axis and is reduced from level ``k - 1``
+  (level 0 is the full-resolution raster), as GDAL and OME-Zarr pyramids cascade;
+- pixel ``(i, j)`` reduces the source block ``[2i, 2i + 2) x [2j, 2j + 2)``, cut by the raster's
+  bottom and right edges (partial blocks of 2x1, 1x2 or 1x1 pixels);
+- ``MODE``: the most frequent valid value of the block, ties to the smallest value;
+  ``AVERAGE``: the mean of the valid values (float64 sums, cast to the raster's dtype, rounded
+  for integers); ``NEAREST``: the block's top-left pixel, valid or not. Valid means not the
+  nodata value and not NaN; a block without a valid pixel is nodata (NaN for a float raster
+  without a declared nodata).
+
+Levels are written into the hidden staging GeoTIFF, tile by tile (bounded memory), and the COG
+driver copies them as they are.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal, get_args
+
+import numpy as np
+import rasterio
+from rasterio.enums import Resampling as GdalResampling
+from rasterio.windows import Window
+
+from pipeline.errors import ConfigError, WriteError
+
+Resampling = Literal["NEAREST", "MODE", "AVERAGE"]
+RESAMPLINGS: tuple[str, ...] = get_args(Resampling)
+
+#: Output tile (pixels per side) of one reduction step: the source window is twice as large.
+TILE = 1024
+
+
+def check_resampling(resampling: str) -> Resampling:
+    """``resampling`` if it is one segpipe builds, else a :class:`ConfigError`."""
+    if resampling not in RESAMPLINGS:
+        raise ConfigError(
+            f"overview resampling {resampling!r} is not one of {RESAMPLINGS}: MODE or NEAREST "
+            "for labels and classes, AVERAGE for scores such as probabilities"
+        )
+    return resampling  # type: ignore[return-value]
+
+
+def level_shapes(shape: tuple[int, int], blocksize: int) -> list[tuple[int, int]]:
+    """Overview shapes: halve (rounding up) until the level fits in one ``blocksize`` tile."""
+    h, w = shape
+    out = []
+    while max(h, w) > blocksize:
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+        out.append((h, w))
+    return out
+
+
+def reduce_2x2(a: np.ndarray, resampling: Resampling, nodata: float | None) -> np.ndarray:
+    """Reduce the last two axes of ``a`` by 2x2 blocks (partial at the bottom and right edges)."""
+    if resampling == "NEAREST":
+        return a[..., ::2, ::2].copy()
+    values, valid = _quads(a, nodata)
+    if resampling == "MODE":
+        return _mode(values, valid, _fill(a.dtype, nodata))
+    return _mean(values, valid, _fill(a.dtype, nodata), a.dtype)
+
+
+def _valid(a: np.ndarray, nodata: float | None) -> np.ndarray:
+    ok = ~np.isnan(a) if a.dtype.kind in "fc" else np.ones(a.shape, dtype=bool)
+    if nodata is not None and not math.isnan(nodata):
+        ok &= a != np.asarray(nodata).astype(a.dtype)
+    return ok
+
+
+def _fill(dtype: np.dtype, nodata: float | None) -> float:
+    if nodata is not None:
+        return nodata
+    return math.nan if dtype.kind in "fc" else 0  # integers without nodata always have a valid pixel
+
+
+def _quads(a: np.ndarray, nodata: float | None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The four pixels of every 2x2 block and whether each is a valid pixel inside the raster."""
+    h, w = a.shape[-2:]
+    pad = [(0, 0)] * (a.ndim - 2) + [(0, h % 2), (0, w % 2)]
+    padded = np.pad(a, pad, mode="edge")
+    valid = _valid(padded, nodata)
+    valid[..., h:, :] = False  # padding is never counted
+    valid[..., :, w:] = False
+    offsets = ((0, 0), (0, 1), (1, 0), (1, 1))
+    return (
+        [padded[..., i::2, j::2] for i, j in offsets],
+        [valid[..., i::2, j::2] for i, j in offsets],
+    )
+
+
+def _mode(values: list[np.ndarray], valid: list[np.ndarray], fill: float) -> np.ndarray:
+    best = np.zeros_like(values[0])
+    best_count = np.full(values[0].shape, -1, dtype=np.int8)
+    for v, ok in zip(values, valid, strict=True):
+        count = sum(((v == u) & k).astype(np.int8) for u, k in zip(values, valid, strict=True))
+        count = np.where(ok, count, -1)
+        better = (count > best_count) | ((count == best_count) & ok & (v < best))
+        best = np.where(better, v, best)
+        best_count = np.where(better, count, best_count)
+    return np.where(best_count > 0, best, np.asarray(fill).astype(best.dtype))
+
+
+def _mean(values: list[np.ndarray], valid: list[np.ndarray], fill: float, dtype: np.dtype) -> np.ndarray:
+    total = sum(np.where(ok, v.astype(np.float64), 0.0) for v, ok in zip(values, valid, strict=True))
+    count = sum(ok.astype(np.int8) for ok in valid)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(count > 0, np.asarray(total) / count, fill)
+    if np.dtype(dtype).kind in "iu":
+        mean = np.rint(mean)
+    return mean.astype(dtype)
+
+
+def write_overviews(
+    path: Path, resampling: Resampling, nodata: float | None, *, blocksize: int
+) -> list[tuple[int, int]]:
+    """Build the overview levels of the GeoTIFF ``path`` in place; return their shapes.
+
+    GDAL allocates the levels (a quick NEAREST pass that only sizes them); each is then
+    overwritten tile by tile with :func:`reduce_2x2` of the level above it.
+    """
+    with rasterio.open(path) as ds:
+        shapes = level_shapes((ds.height, ds.width), blocksize)
+    if not shapes:
+        return []
+    with rasterio.open(path, "r+") as ds:
+        ds.build_overviews([2 ** (k + 1) for k in range(len(shapes))], GdalResampling.nearest)
+        ds.update_tags(OVERVIEW_RESAMPLING=resampling)
+    for k, shape in enumerate(shapes):
+        above = {} if k == 0 else {"overview_level": k - 1}
+        with rasterio.open(path, **above) as src, rasterio.open(path, "r+", overview_level=k) as dst:
+            if (dst.height, dst.width) != shape:
+                raise WriteError(
+                    f"{path}: GDAL made overview level {k + 1} of {(dst.height, dst.width)} pixels, "
+                    f"not the {shape} of a 2x2 reduction; the overviews would be misaligned"
+                )
+            for window in _tiles(shape):
+                block = src.read(window=_source_window(window, src.height, src.width))
+                dst.write(reduce_2x2(block, resampling, nodata), window=window)
+    return shapes
+
+
+def _tiles(shape: tuple[int, int]) -> Iterator[Window]:
+    h, w = shape
+    for row in range(0, h, TILE):
+        for col in range(0, w, TILE):
+            yield Window(col, row, min(TILE, w - col), min(TILE, h - row))
+
+
+def _source_window(window: Window, height: int, width: int) -> Window:
+    col, row = 2 * int(window.col_off), 2 * int(window.row_off)
+    return Window(
+        col, row, min(2 * int(window.width), width - col), min(2 * int(window.height), height - row)
+    )
