@@ -58,7 +58,7 @@ def load_shapes(path: Path, georef: GeoRef, *, class_field: str | None, burn: in
 def burn_box(shapes: Shapes, georef: GeoRef, box: Box, *, fill: int = 0) -> np.ndarray:
     """Label values (int64) of the (y, x) ``box`` of the raster grid; pixel centres inside count."""
     (y0, x0) = box.start
-    transform = Affine(*georef.transform) * Affine.translation(x0, y0)
+    transform = Affine(*georef.transform) @ Affine.translation(x0, y0)
     if not shapes:
         return np.full(box.shape, fill, dtype=np.int64)
     return features.rasterize(

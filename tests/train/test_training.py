@@ -127,3 +127,46 @@ def test_card_holds_what_the_model_needs_and_evaluate_reproduces_it(data, traine
     again = json.loads(capsys.readouterr().out)
     for key in ("mean_dice", "mIoU", "pixel_accuracy", "pixels", "per_class", "confusion_matrix"):
         assert again[key] == v[key], key
+
+
+def test_volume_training_card_and_evaluation(data, tmp_path, capsys) -> None:
+    """3-D: a CT with TotalSegmentator labels mapped to 3 structures, HU clipped, z-slab held apart."""
+    raw = landcover_job(data, tmp_path)
+    raw.update(
+        name="ct-tiny",
+        data=[
+            {
+                "image": str(data / "medical/totalseg_example_ct_sm.nii.gz"),
+                "labels": str(data / "medical/totalseg_example_ct_sm_seg.nii.gz"),
+            }
+        ],
+        labels={"map": {5: 1, 1: 2, 2: 3, 3: 3}, "default": 0},
+        classes={0: "background", 1: "liver", 2: "spleen", 3: "kidney"},
+        model={"depth": 1, "width": 2},
+        patch_size=[8, 32, 32],
+        normalise={"clip": [-150, 250]},
+        split={"val_fraction": 0.25, "axis": 0, "position": "start", "gap": 2},
+        sampling={"patches_per_epoch": 4, "batch_size": 2, "foreground_fraction": 1.0},
+        augment={"flips": [], "rot90": False},
+        optim={"epochs": 1, "patience": None},
+    )
+    job = write_job(tmp_path / "ct.yaml", raw)
+    assert main(["train", str(job), "--no-progress"]) == 0
+    card = load_card(tmp_path / "model")
+    assert card.architecture.spatial_dims == 3 and card.architecture.in_channels == 1
+    assert card.inputs.bands == [1] and card.inputs.clip == (-150.0, 250.0)
+    assert card.halo == max(receptive_extent(1)) and card.receptive_field == receptive_field(1)
+    (region,) = card.validation["regions"]
+    assert region["box"] == [[0, 0, 0], [8, 101, 122]]
+    assert len(region["bounds_mm"]) == 6 and region["bounds_mm"][3] - region["bounds_mm"][0] == pytest.approx(
+        24.0
+    )
+    assert card.training["data"][0]["train_boxes"] == [[[10, 0, 0], [30, 101, 122]]]
+    assert card.validation["pixels"] == 8 * 101 * 122
+    capsys.readouterr()
+    assert main(["train", str(job), "--evaluate"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert (
+        again["per_class"] == card.validation["per_class"]
+        and again["mean_dice"] == card.validation["mean_dice"]
+    )
