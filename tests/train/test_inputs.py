@@ -116,7 +116,8 @@ def test_shipped_training_jobs_load_and_stage(name, tmp_path) -> None:
         labels = np.asarray(zarr.open_array(store=str(pair.labels), mode="r")[...])
         present = set(np.unique(labels[split.val.slices()]).tolist()) - {IGNORE}
         assert present == set(job.classes), f"{name}: classes held apart {present}"
-    assert job.output.model_dir == str(REPO / "pipeline" / "models" / "zoo" / name) or Path.cwd() != REPO
+    # the weights and card go to the zoo folder of that name (relative to the working directory)
+    assert job.name == name and job.output.model_dir == str(Path.cwd() / "pipeline" / "models" / "zoo" / name)
 
 
 # --- bad input: each error names the file, the problem and the fix -------------------------------
