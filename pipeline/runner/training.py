@@ -9,6 +9,7 @@ and the weights on the held-apart regions.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -23,12 +24,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from pipeline.data.geometry import GeoRef
+from pipeline.errors import ConfigError
+from pipeline.io.sources import open_source
 from pipeline.metrics.contingency import Contingency, combine, contingency
 from pipeline.metrics.semantic import semantic_metrics
 from pipeline.models.torch.card import Architecture, Inputs, ModelCard, load_card, sha256_of
 from pipeline.models.torch.unet import UNet, receptive_extent, receptive_field
 from pipeline.models.torch.weights import load_weights
-from pipeline.runner.train_data import StagedPair, stage_pairs
+from pipeline.runner.train_data import StagedPair, select_bands, stage_pairs
 from pipeline.runner.train_spec import TrainJob, fingerprint
 from pipeline.tiling import Box
 from pipeline.train.augment import Augment
@@ -63,8 +66,6 @@ def data_checksums(job: TrainJob) -> list[str]:
 
 def _sha(path: Path) -> str:
     if path.is_dir():
-        import hashlib
-
         return hashlib.sha256(
             "".join(sha256_of(f) for f in sorted(path.iterdir()) if f.is_file()).encode()
         ).hexdigest()
@@ -99,6 +100,7 @@ def train_job(job: TrainJob, *, command: str, restart: bool = False, progress: b
         shutil.rmtree(work / "staging.zarr", ignore_errors=True)
     checksums = data_checksums(job)
     key = fingerprint(job, checksums)
+    check_channels(job)
     staged = stage_pairs(job, work, key)
     splits = splits_for(job, staged)
     regions = [Region(s.image, s.labels, sp) for s, sp in zip(staged, splits, strict=True)]
@@ -123,6 +125,19 @@ def train_job(job: TrainJob, *, command: str, restart: bool = False, progress: b
     return TrainOutcome(card.save(model_dir / "card.yaml"), weights, result)
 
 
+def check_channels(job: TrainJob) -> None:
+    """Every pair must feed the model the same number of bands (headers only, before staging)."""
+    counts = []
+    for i, pair in enumerate(job.data):
+        src = open_source(pair.image, allow_missing_crs=pair.allow_missing_crs)
+        counts.append(len(select_bands(src, pair.bands, where=f"data[{i}].bands")[0]))
+    if len(set(counts)) > 1:
+        raise ConfigError(
+            f"data: the pairs feed {counts} bands to one model; every image must give the same bands "
+            f"(in the same order): set bands on each data entry ({[p.image for p in job.data]})"
+        )
+
+
 def _network(job: TrainJob, *, in_channels: int, out_channels: int) -> UNet:
     torch.manual_seed(job.seed)
     spatial = len(job.patch_size)
@@ -134,8 +149,6 @@ def _options(job: TrainJob, ndim: int, ids: list[int]) -> TrainOptions:
     a, o, s = job.augment, job.optim, job.sampling
     flips = tuple(range(ndim)) if a.flips is None else tuple(a.flips)
     if any(not 0 <= f < ndim for f in flips):
-        from pipeline.errors import ConfigError
-
         raise ConfigError(f"augment.flips {list(flips)}: spatial axes are 0..{ndim - 1}")
     return TrainOptions(
         patch=tuple(job.patch_size),

@@ -175,3 +175,16 @@ def test_missing_file_and_unknown_key_are_refused(data, tmp_path) -> None:
     raw["data"][0]["bands"] = [1, "NIR"]
     with pytest.raises(ConfigError, match=r"data\[0\].bands: band 'NIR' is not in .*naip-new.tif \(4 bands"):
         train_job(_job(raw, tmp_path), command="test", progress=False)
+
+
+def test_pairs_must_feed_the_same_bands(data, tmp_path) -> None:
+    raw = landcover_job(data, tmp_path)
+    raw["labels"]["ignore"] = [-1]
+    raw["data"].append(
+        {
+            "image": str(data / "geo/Spain_7370579_S2Hand.tif"),
+            "labels": str(data / "geo/Spain_7370579_LabelHand.tif"),
+        }
+    )
+    with pytest.raises(ConfigError, match=r"the pairs feed \[4, 13\] bands to one model.*set bands on each"):
+        train_job(_job(raw, tmp_path), command="test", progress=False)
