@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import ConfigError
@@ -58,7 +58,7 @@ def _splits(draw: st.DrawFn) -> tuple[Split, tuple[int, ...]]:
         return draw(st.nothing())
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(case=_splits(), seed=st.integers(0, 2**32 - 1))
 def test_no_training_patch_overlaps_or_touches_the_held_apart_region(case, seed) -> None:
     split, patch = case
@@ -73,7 +73,7 @@ def test_no_training_patch_overlaps_or_touches_the_held_apart_region(case, seed)
             _assert_apart(split, origin, patch)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(case=_splits())
 def test_slabs_cover_everything_outside_the_exclusion(case) -> None:
     """The slabs that fit a patch are disjoint pieces of the image minus the grown held-apart box."""
