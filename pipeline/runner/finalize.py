@@ -24,6 +24,7 @@ from pipeline.io.quicklook import write_quicklook
 from pipeline.metrics import write_tile_table
 from pipeline.metrics.tiles import seam_scores
 from pipeline.models import Segmenter
+from pipeline.runner import catalog
 from pipeline.runner.plan import Plan
 from pipeline.runner.spec import dump_job
 from pipeline.stitching.pyramid import downsample_mean, downsample_mode
@@ -95,6 +96,7 @@ def finalize(plan: Plan, segmenter: Segmenter) -> dict[str, str]:
     rows = zarr_store.CompletionLog(plan.records, stage).rows()
     outputs["tiles"] = str(write_tile_table(plan.out / "tiles.parquet", rows))
     outputs["job"] = str(_atomic_text(plan.out / "job.resolved.yaml", dump_job(plan.spec)))
+    outputs.update(catalog.write_items(plan, segmenter, outputs))  # last: every raster is complete
     return outputs
 
 

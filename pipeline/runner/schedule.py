@@ -232,18 +232,29 @@ def run_scheduled(spec: JobSpec, execute_item: Any, make_plan: Any) -> dict[str,
             "insert into runs values (?, ?, ?, null, 'running', 0, 0, 0)", (run_id, spec.name, time.time())
         )
         con.commit()
+        stac_items: list[Path] = []
         for item, item_spec in scene_specs(spec):
             plan = make_plan(item_spec)
             row = _run_item(plan, item, execute_item, counts)
             con.execute("insert into items values (?, ?, ?, ?, ?, ?, ?, ?)", (run_id, *row))
             con.commit()
+            if row[3] in ("complete", "skipped"):  # this scene's rasters, new or from an earlier run
+                stac_items += sorted((plan.out / "stac").glob("item-*.json"))
+        collection = _write_collection(root, spec.name, run_id, stac_items)
         status = "failed" if counts["failed"] else "complete"
         con.execute(
             "update runs set finished = ?, status = ?, processed = ?, skipped = ?, failed = ? "
             "where run_id = ?",
             (time.time(), status, counts["processed"], counts["skipped"], counts["failed"], run_id),
         )
-    return {"run_id": run_id, "status": status, **counts}
+    return {"run_id": run_id, "status": status, **counts, "collection": collection}
+
+
+def _write_collection(root: Path, job: str, run_id: str, items: list[Path]) -> str:
+    """The run's STAC Collection linking every complete scene's Items (imported here: pystac)."""
+    from pipeline.runner.catalog import write_run_collection
+
+    return write_run_collection(root, job, run_id, items)["collection.json"]
 
 
 def _run_item(plan: Any, item: str, execute_item: Any, counts: dict[str, int]) -> tuple[Any, ...]:
