@@ -18,6 +18,7 @@ from rasterio.windows import Window
 
 from pipeline.data.geometry import GeoRef, check_same_geometry
 from pipeline.errors import InvalidImageError, ReadError, WriteError
+from pipeline.io import remote
 from pipeline.io.overviews import Resampling, check_resampling, write_overviews
 from pipeline.tiling import Box
 
@@ -45,21 +46,40 @@ RASTER_SUFFIXES = (
 )
 
 
-def raster_info(path: Path, *, allow_missing_crs: bool = False) -> tuple[tuple[int, ...], str, GeoRef]:
+def open_raster(path: Path | str) -> Any:
+    """``rasterio.open`` for a local path or an http(s)/s3 URL.
+
+    URLs are read through an fsspec file object (:func:`pipeline.io.remote.open_read`): each
+    GDAL read becomes a range request, so a window costs its tiles and the header only.
+    """
+    if not remote.is_url(path):
+        return rasterio.open(path)
+    url = str(path)
+
+    def opener(name: str, mode: str = "rb", **_: Any) -> Any:
+        return remote.open_read(name, mode)
+
+    with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"):  # no sidecar-file probes
+        return rasterio.open(url, opener=opener)
+
+
+def raster_info(path: Path | str, *, allow_missing_crs: bool = False) -> tuple[tuple[int, ...], str, GeoRef]:
     """Shape ``(bands, y, x)``, dtype and :class:`GeoRef` of a raster, checking it is readable."""
     try:
-        with rasterio.open(path) as ds:
+        with open_raster(path) as ds:
             _probe(ds, path)
             georef = _georef(ds, path, allow_missing_crs)
             return (ds.count, ds.height, ds.width), ds.dtypes[0], georef
     except RasterioError as e:
+        if remote.is_url(path):
+            remote.diagnose(str(path), "opening the raster")  # a clear error when unreachable
         raise ReadError(
             f"{path}: not a readable raster ({e}). The file is truncated, corrupt or not "
             "a GeoTIFF: Re-download or re-export it."
         ) from e
 
 
-def _georef(ds: Any, path: Path, allow_missing_crs: bool) -> GeoRef:
+def _georef(ds: Any, path: Path | str, allow_missing_crs: bool) -> GeoRef:
     if ds.crs is None and not allow_missing_crs:
         raise InvalidImageError(
             f"{path}: the raster has no CRS, so outputs could not be georeferenced. Assign one "
@@ -74,7 +94,7 @@ def _georef(ds: Any, path: Path, allow_missing_crs: bool) -> GeoRef:
     return GeoRef(ds.crs.to_wkt() if ds.crs else None, tuple(ds.transform)[:6], nodata, names)
 
 
-def _probe(ds: Any, path: Path) -> None:
+def _probe(ds: Any, path: Path | str) -> None:
     """Read the first and the last block of every band, so a truncated file fails now."""
     bh, bw = ds.block_shapes[0]
     first = Window(0, 0, min(bw, ds.width), min(bh, ds.height))
@@ -83,13 +103,15 @@ def _probe(ds: Any, path: Path) -> None:
         ds.read(window=window)
 
 
-def read_raster_box(path: Path, box: Box) -> np.ndarray:
+def read_raster_box(path: Path | str, box: Box) -> np.ndarray:
     """Read the (y, x) ``box`` of every band: ``(bands, h, w)``."""
     (y0, x0), (y1, x1) = box.start, box.stop
     try:
-        with rasterio.open(path) as ds:
+        with open_raster(path) as ds:
             return ds.read(window=Window(x0, y0, x1 - x0, y1 - y0))
     except RasterioError as e:
+        if remote.is_url(path):
+            remote.diagnose(str(path), f"reading window rows {y0}:{y1}, cols {x0}:{x1}")
         raise ReadError(
             f"{path}: reading window rows {y0}:{y1}, cols {x0}:{x1} failed ({e}); the "
             "file is probably truncated or corrupt. Re-export it."

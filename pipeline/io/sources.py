@@ -1,7 +1,9 @@
 """Open any supported input as an :class:`~pipeline.data.Image` plus a picklable reader.
 
 :class:`ImageSource` is what goes into Dask graphs: a path and a format, never an open file
-handle. ``read(box)`` returns ``(C, *spatial)`` for a spatial box.
+handle. ``read(box)`` returns ``(C, *spatial)`` for a spatial box. A source's path may be an
+``http(s)://`` or ``s3://`` URL of a GeoTIFF/COG or a segpipe zarr array (see
+:mod:`pipeline.io.remote`): chunk tasks on the workers read it by region.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pipeline.data import Image, wrap_image
 from pipeline.data.geometry import Geometry, GeoRef
 from pipeline.data.image import MAX_ELEMENTS
 from pipeline.errors import InvalidImageError, ReadError
-from pipeline.io import geo, medical, zarr_store
+from pipeline.io import geo, medical, remote, zarr_store
 from pipeline.tiling import Box, ChunkGrid
 
 Format = Literal["raster", "volume", "zarr"]
@@ -27,9 +29,12 @@ Format = Literal["raster", "volume", "zarr"]
 
 @dataclass(frozen=True)
 class ImageSource:
-    """A readable input: its path, format, shape ``(C, *spatial)``, dtype and geometry."""
+    """A readable input: its path, format, shape ``(C, *spatial)``, dtype and geometry.
 
-    path: Path
+    ``path`` is a local :class:`~pathlib.Path` or an http(s)/s3 :class:`~pipeline.io.remote.URL`.
+    """
+
+    path: Path | remote.URL
     format: Format
     shape: tuple[int, ...]
     dtype: str
@@ -45,7 +50,7 @@ class ImageSource:
         if self.format == "raster":
             return geo.read_raster_box(self.path, box)
         if self.format == "volume":
-            return medical.read_volume_box(self.path, box)
+            return medical.read_volume_box(Path(self.path), box)
         return zarr_store.read_box(self.path, box, channels=True)
 
     @property
@@ -54,9 +59,10 @@ class ImageSource:
         ``whole`` (the whole file: compressed volumes)."""
         if self.format != "volume":
             return "region"
-        if self.path.is_dir():
+        path = Path(self.path)  # volumes are local
+        if path.is_dir():
             return "slab"
-        return "region" if medical.is_streamable(self.path) else "whole"
+        return "region" if medical.is_streamable(path) else "whole"
 
     @property
     def streamable(self) -> bool:
@@ -65,7 +71,12 @@ class ImageSource:
 
 
 def open_source(path: str | Path, *, allow_missing_crs: bool = False) -> ImageSource:
-    """Inspect ``path`` (headers only) and return its :class:`ImageSource`."""
+    """Inspect ``path`` (headers only) and return its :class:`ImageSource`.
+
+    ``path`` may be an ``http(s)://`` or ``s3://`` URL of a GeoTIFF/COG or a segpipe zarr array.
+    """
+    if remote.is_url(path):
+        return _checked(_open_remote(str(path), allow_missing_crs=allow_missing_crs))
     p = Path(path)
     if not p.exists():
         raise ReadError(
@@ -86,6 +97,30 @@ def open_source(path: str | Path, *, allow_missing_crs: bool = False) -> ImageSo
         f"{p}: unknown input format; segpipe reads GeoTIFF/COG "
         f"{geo.RASTER_SUFFIXES}, volumes {medical.VOLUME_SUFFIXES}, DICOM "
         "series folders and segpipe zarr arrays"
+    )
+
+
+def _open_remote(url: str, *, allow_missing_crs: bool) -> ImageSource:
+    """A remote GeoTIFF/COG (read by range requests) or segpipe zarr array."""
+    remote.check_url(url, what="input")
+    name = remote.url_name(url).lower()
+    if name.endswith(".zarr") or (
+        not name.endswith(geo.RASTER_SUFFIXES) and remote.exists(remote.join(url, "zarr.json"))
+    ):
+        shape, dtype, geometry = zarr_store.array_info(url)
+        return ImageSource(remote.URL(url), "zarr", shape, dtype, geometry)
+    if name.endswith(geo.RASTER_SUFFIXES):
+        shape, dtype, georef = geo.raster_info(url, allow_missing_crs=allow_missing_crs)
+        return ImageSource(remote.URL(url), "raster", shape, dtype, georef)
+    remote.diagnose(url, "opening the input")  # missing or unreachable: say so first
+    if name.endswith(medical.VOLUME_SUFFIXES):
+        raise InvalidImageError(
+            f"{remote.redact(url)}: volumes (NIfTI, MHA, NRRD, DICOM) are read from local or shared "
+            "paths only; copy the file to a folder the workers see, or give a segpipe zarr array URL"
+        )
+    raise InvalidImageError(
+        f"{remote.redact(url)}: unknown remote input format; segpipe reads GeoTIFF/COG "
+        f"{geo.RASTER_SUFFIXES} and segpipe zarr arrays over http(s):// and s3://"
     )
 
 

@@ -24,7 +24,8 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from pipeline.data.geometry import Geometry, geometry_from_json
-from pipeline.errors import ReadError
+from pipeline.errors import PipelineError, ReadError
+from pipeline.io import remote
 from pipeline.tiling import Box
 
 GEOMETRY_ATTR = "segpipe_geometry"
@@ -60,12 +61,24 @@ def write_box(path: Path, box: Box, data: np.ndarray) -> None:
     arr[lead + box.slices()] = data
 
 
-def read_box(path: Path, box: Box, *, channels: bool = False) -> np.ndarray:
-    """Read the spatial ``box``; with ``channels`` a 3-D volume gains a leading channel axis."""
+def _store(path: Path | str) -> Any:
+    """What ``zarr.open_array`` reads: a local path, or an fsspec store for an http(s)/s3 URL."""
+    return remote.zarr_store(str(path)) if remote.is_url(path) else str(path)
+
+
+def read_box(path: Path | str, box: Box, *, channels: bool = False) -> np.ndarray:
+    """Read the spatial ``box``; with ``channels`` a 3-D volume gains a leading channel axis.
+
+    ``path`` may be an http(s)/s3 URL: only the zarr chunks under ``box`` are fetched.
+    """
     try:
-        arr = zarr.open_array(store=str(path), mode="r")
-        lead = (slice(None),) * (arr.ndim - box.ndim)
-        data = np.asarray(arr[lead + box.slices()])
+        if remote.is_url(path):
+            with remote.explained(str(path), f"reading {box.start}..{box.stop}"):
+                data = _read(path, box)
+        else:
+            data = _read(path, box)
+    except PipelineError:
+        raise
     except (OSError, ValueError, KeyError, RuntimeError) as e:  # RuntimeError: a chunk fails to decode
         raise ReadError(
             f"{path}: reading {box.start}..{box.stop} failed ({e}); a chunk of this zarr array is "
@@ -74,10 +87,18 @@ def read_box(path: Path, box: Box, *, channels: bool = False) -> np.ndarray:
     return data[None] if channels and data.ndim == box.ndim else data
 
 
-def array_info(path: Path) -> tuple[tuple[int, ...], str, Geometry]:
-    """Shape ``(C, *spatial)``, dtype and geometry of a segpipe zarr array."""
+def _read(path: Path | str, box: Box) -> np.ndarray:
+    arr = zarr.open_array(store=_store(path), mode="r")
+    lead = (slice(None),) * (arr.ndim - box.ndim)
+    return np.asarray(arr[lead + box.slices()])
+
+
+def array_info(path: Path | str) -> tuple[tuple[int, ...], str, Geometry]:
+    """Shape ``(C, *spatial)``, dtype and geometry of a segpipe zarr array (path or URL)."""
+    if remote.is_url(path):
+        remote.diagnose(remote.join(str(path), "zarr.json"), "opening the zarr array")
     try:
-        arr = zarr.open_array(store=str(path), mode="r")
+        arr = zarr.open_array(store=_store(path), mode="r")
         geometry = geometry_from_json(dict(arr.attrs)[GEOMETRY_ATTR])  # type: ignore[arg-type]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ReadError(

@@ -85,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     segs.set_defaults(func=_cmd_segmenters)
     _eval_parser(sub)
     _train_parser(sub)
+    _inspect_parser(sub)
     rep = sub.add_parser("report", help="HTML report (with PNG figures) of a finished run folder")
     rep.add_argument("run_dir", help="a run's output folder (holding summary.json)")
     rep.add_argument("--eval", dest="eval_dir", help="a folder written by segpipe eval --out")
@@ -146,6 +147,54 @@ def _cmd_train(args: argparse.Namespace) -> int:
         f"{job.name}: {r.epochs_run} epochs (best {r.best_epoch}, mean Dice "
         f"{r.best_scores.get('mean_dice')}) -> {outcome.card}"
     )
+    return 0
+
+
+def _inspect_parser(sub: Any) -> None:
+    ins = sub.add_parser(
+        "inspect", help="size, geometry and chunk grid of an input, with worker memory and time estimates"
+    )
+    ins.add_argument("input", help="a raster, volume, DICOM series folder or segpipe zarr array")
+    ins.add_argument(
+        "--chunk", type=int, nargs="+", help="chunk edge: one for every axis, or one per axis (default 512)"
+    )
+    ins.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    ins.add_argument("--memory-per-worker", default="2GiB", help="memory limit per worker (default 2GiB)")
+    ins.add_argument("--segmenter", help="a segmenter name: its halo goes into the grid")
+    ins.add_argument(
+        "--param",
+        dest="params",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a segmenter parameter (value in YAML), repeatable",
+    )
+    ins.add_argument("--json", action="store_true", help="machine-readable output")
+    ins.set_defaults(func=_cmd_inspect)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    import yaml
+
+    from pipeline.errors import ConfigError
+    from pipeline.runner.inspection import Cluster, format_report, inspect_input
+
+    params = {}
+    for item in args.params:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--param {item!r}: write it as KEY=VALUE, e.g. --param band=B8")
+        params[key] = yaml.safe_load(value)
+    if args.workers < 1:
+        raise ConfigError(f"--workers {args.workers}: give at least 1 worker")
+    report = inspect_input(
+        args.input,
+        chunk=args.chunk,
+        segmenter=args.segmenter,
+        params=params,
+        cluster=Cluster(args.workers, args.memory_per_worker),
+    )
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
 

@@ -13,6 +13,7 @@ import pipeline.models.classical  # noqa: F401  (registers the classical segment
 from pipeline import __version__
 from pipeline.data.geometry import check_same_geometry
 from pipeline.errors import ConfigError, GeometryMismatchError, HaloTooSmallError
+from pipeline.io import remote
 from pipeline.io.geo import same_crs
 from pipeline.io.sources import ImageSource, open_source
 from pipeline.models import ImageInfo, Segmenter, create_segmenter
@@ -132,6 +133,8 @@ def fingerprint(spec: JobSpec, source: ImageSource, grid: ChunkGrid) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _identity(path: Path) -> list[Any]:
+def _identity(path: Path | str) -> list[Any]:
+    if isinstance(path, str):  # a URL: sizes and versions (ETag, date) from the server
+        return remote.identity(path)
     files = sorted(path.rglob("*")) if path.is_dir() else [path]
     return [str(path)] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
