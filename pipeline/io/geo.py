@@ -123,6 +123,18 @@ def same_crs(a: str, b: str) -> bool:
     return bool(rasterio.crs.CRS.from_user_input(a) == rasterio.crs.CRS.from_user_input(b))
 
 
+def crs_label(crs_wkt: str | None) -> str:
+    """A short name of a CRS: ``EPSG:32618`` when it has a code, else the WKT's name; ``none``."""
+    if not crs_wkt:
+        return "none"
+    crs = rasterio.crs.CRS.from_user_input(crs_wkt)
+    epsg = crs.to_epsg()
+    if epsg:
+        return f"EPSG:{epsg}"
+    wkt = crs.to_wkt()
+    return f"{wkt.split(chr(34))[1] if chr(34) in wkt else wkt[:60]} (no EPSG code)"
+
+
 def write_cog(
     path: Path,
     georef: GeoRef,
