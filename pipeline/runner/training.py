@@ -35,7 +35,7 @@ from pipeline.runner.train_data import StagedPair, select_bands, stage_pairs
 from pipeline.runner.train_spec import TrainJob, fingerprint
 from pipeline.tiling import Box
 from pipeline.train.augment import Augment
-from pipeline.train.infer import predict_box
+from pipeline.train.infer import predict_tiles
 from pipeline.train.labels import IGNORE, check_class_ids
 from pipeline.train.loop import FitResult, TrainOptions, fit
 from pipeline.train.patches import Normaliser, Region, channel_stats, class_index
@@ -186,8 +186,10 @@ def validation_scores(
     tables: list[Contingency] = []
     for region, box in zip(regions, boxes, strict=True):
         tile = (EVAL_TILE[box.ndim],) * box.ndim
-        pred = predict_box(model, region, box, normalise, tile=tile, halo=halo_of(depth), align=2**depth)
-        tables.append(contingency(pred, np.asarray(region.labels()[box.slices()]), ignore=IGNORE))
+        for core, pred in predict_tiles(
+            model, region, box, normalise, tile=tile, halo=halo_of(depth), align=2**depth
+        ):
+            tables.append(contingency(pred, np.asarray(region.labels()[core.slices()]), ignore=IGNORE))
     m = semantic_metrics(combine(tables), classes=ids)
     return {
         "mean_dice": m["mean_dice"],
