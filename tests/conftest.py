@@ -17,6 +17,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if gpu_items:
+        import torch
+
+        if not torch.cuda.is_available():
+            no_device = pytest.mark.skip(reason="gpu: no CUDA device on this machine (runs where one exists)")
+            for item in gpu_items:
+                item.add_marker(no_device)
     if config.getoption("--full"):
         return
     skip = pytest.mark.skip(reason="slow: runs with --full (the README test command and CI)")
@@ -45,6 +53,32 @@ def client() -> Iterator[object]:
         threads_per_worker=1,
         processes=True,
         memory_limit="1GiB",
+        env=WORKER_ENV,
+        dashboard_address=":0",
+        host="127.0.0.1",
+    )
+    with Client(cluster) as c:
+        yield c
+    cluster.close()
+
+
+@pytest.fixture(scope="session")
+def torch_client() -> Iterator[object]:
+    """One cluster for the session's learned-model jobs: 2 processes, 1 thread, 2 GiB each.
+
+    Importing torch (the CUDA build) costs a worker process about 500 MiB of RSS, so torch jobs
+    get their own workers with the 2 GiB a local cluster gives by default; the 1 GiB workers of
+    ``client`` stay torch-free for the memory tests.
+    """
+    from distributed import Client, LocalCluster
+
+    from pipeline.cluster.connect import WORKER_ENV
+
+    cluster = LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        memory_limit="2GiB",
         env=WORKER_ENV,
         dashboard_address=":0",
         host="127.0.0.1",

@@ -120,6 +120,17 @@ class Segmenter:
         """Fitted statistics for the job summary (empty when nothing is fitted)."""
         return {}
 
+    @property
+    def extra_outputs(self) -> dict[str, int]:
+        """Extra per-pixel float outputs requested (name -> bands; 0 = one band, no band axis)."""
+        return {}
+
+    def run_extra(
+        self, block: np.ndarray, valid: np.ndarray, ctx: BlockContext | None
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Labels and the extra outputs over the block (segmenters with ``extra_outputs`` override)."""
+        return self.run(block, valid, ctx), {}
+
     def run(self, block: np.ndarray, valid: np.ndarray, ctx: BlockContext | None) -> np.ndarray:
         """Call the segmenter, passing ``ctx`` only to those that use it."""
         if self.uses_context:

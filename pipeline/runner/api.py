@@ -7,7 +7,8 @@ from typing import Any
 
 from distributed import Client
 
-import pipeline.models.classical  # noqa: F401  (registers the classical segmenters)
+import pipeline.models.classical  # registers the classical segmenters
+import pipeline.models.torch.segmenter  # noqa: F401  (registers unet; torch is imported lazily)
 from pipeline.cluster import connect
 from pipeline.cluster.profiles import ClusterProfile, load_profile
 from pipeline.runner.execute import RunResult, check_output, execute

@@ -141,6 +141,17 @@ def execute(plan: Plan, client: Client, *, restart: bool = False) -> RunResult:
     result = RunResult(plan)
     if not prepare_output(plan, restart=restart):
         create_stores(plan)
+    for name, bands in plan.segmenter.extra_outputs.items():
+        lead = (bands,) if bands else ()
+        zarr_store.create_array(
+            process.extras_path(plan.staging / "labels", name),
+            shape=(*lead, *plan.source.spatial_shape),
+            chunks=(*lead, *chunks),
+            dtype="float32",
+            geometry=plan.source.geometry,
+            fill_value=float("nan") if bands else -1.0,  # entropy's nodata is -1
+            attrs={"classes": {str(k): v for k, v in plan.segmenter.classes.items()}} if bands else {},
+        )
     _timed(result, "ingest", lambda: ingest(plan, client))
     fitted = _timed(result, "fit", lambda: plan.segmenter.fit(make_reducer(plan, client)))
     result.segmenter = fitted
@@ -263,6 +274,7 @@ def segment(plan: Plan, client: Client, segmenter: Segmenter, result: RunResult)
             plan.grid.edge_mode,
             nodata,
             seg_future,
+    resources = gpu_resources(client, segmenter)
             plan.source.geometry,
             plan.records,
             _reference(plan),
@@ -277,12 +289,27 @@ def segment(plan: Plan, client: Client, segmenter: Segmenter, result: RunResult)
 def seam_check(plan: Plan, client: Client, segmenter: Segmenter) -> dict[str, Any]:
     """Re-segment windows centred on chunk corners on their own; count pixels that differ."""
     windows = [plan.grid.window(box) for box in plan.grid.seam_windows()]
+            resources=resources,
     if not windows:
         return {"windows": 0, "pixels": 0, "differing": 0}
     nodata = getattr(plan.source.geometry, "nodata", None)
     futures = [
         client.submit(
             process.window_check,
+def gpu_resources(client: Client, segmenter: Segmenter) -> dict[str, float] | None:
+    """``{"GPU": 1}`` for learned segmenters when the cluster has workers with the GPU resource.
+
+    Tasks then go only to GPU workers, one per device at a time. Without GPU workers they are not
+    annotated (an annotation no worker can satisfy would wait forever) and run on the CPU.
+    """
+    if not getattr(segmenter, "uses_torch", False):
+        return None
+    workers = client.scheduler_info().get("workers", {}).values()
+    if any(w.get("resources", {}).get("GPU", 0) > 0 for w in workers):
+        return {"GPU": 1}
+    return None
+
+
             plan.staging / "input",
             plan.staging / "labels",
             w,

@@ -26,6 +26,7 @@ from pipeline.metrics.tiles import seam_scores
 from pipeline.models import Segmenter
 from pipeline.runner import catalog
 from pipeline.runner.plan import Plan
+from pipeline.runner.process import extras_path
 from pipeline.runner.spec import dump_job
 from pipeline.stitching.pyramid import downsample_mean, downsample_mode
 from pipeline.tiling import Box
@@ -88,6 +89,7 @@ def finalize(plan: Plan, segmenter: Segmenter) -> dict[str, str]:
                 band=int(getattr(segmenter, "band_index", 0)),  # the band the segmenter looks at
             )
         )
+    outputs.update(_extra_outputs(plan, labels, segmenter))
     if segmenter.kind != "semantic":
         outputs.update(_instance_outputs(plan, labels))
     if segmenter.kind == "panoptic":
@@ -146,6 +148,42 @@ def _instance_outputs(plan: Plan, labels: Path) -> dict[str, str]:
         for fmt, name in (("gpkg", "objects.gpkg"), ("geoparquet", "objects_polygons.parquet")):
             if fmt in formats:
                 out[fmt] = str(vector.write_polygons(plan.out / name, polys, fmt))
+    return out
+
+
+def _extra_outputs(plan: Plan, labels: Path, segmenter: Segmenter) -> dict[str, str]:
+    """A segmenter's extra float outputs: the zarr arrays; one-band ones also as COG or NIfTI/MHA."""
+    out: dict[str, str] = {}
+    formats = plan.spec.output.formats
+    shape = plan.source.spatial_shape
+    for name, bands in segmenter.extra_outputs.items():
+        path = extras_path(labels, name)
+        out[f"{name}_zarr"] = str(path)
+        if bands:
+            continue
+        if "cog" in formats and isinstance(plan.source.geometry, GeoRef):
+
+            def windows(path: Path = path):  # type: ignore[no-untyped-def]
+                for spec in plan.grid:
+                    yield spec.write, zarr_store.read_box(path, spec.write)
+
+            out[name] = str(
+                geo.write_cog(
+                    plan.out / f"{name}.tif",
+                    plan.source.geometry,
+                    (shape[0], shape[1]),
+                    "float32",
+                    windows,
+                    nodata=-1.0,
+                    resampling="AVERAGE",
+                )
+            )
+        for fmt, suffix in (("nifti", ".nii.gz"), ("mha", ".mha")):
+            if fmt in formats and isinstance(plan.source.geometry, VolumeRef):
+                data = zarr_store.read_box(path, Box.from_shape(shape))
+                out[f"{name}_{fmt}"] = str(
+                    medical.write_volume(plan.out / f"{name}{suffix}", data, plan.source.geometry)
+                )
     return out
 
 

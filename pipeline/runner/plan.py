@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import pipeline.models.classical  # noqa: F401  (registers the classical segmenters)
+import pipeline.models.classical  # registers the classical segmenters
+import pipeline.models.torch.segmenter  # noqa: F401  (registers unet; torch is imported lazily)
 from pipeline import __version__
 from pipeline.data.geometry import check_same_geometry
 from pipeline.errors import ConfigError, GeometryMismatchError, HaloTooSmallError
@@ -74,7 +75,8 @@ def make_plan(spec: JobSpec) -> Plan:
     grid = ChunkGrid.build(source.spatial_shape, spec.tiling.chunk, halo, spec.tiling.edge_mode)
     out = Path(spec.output.dir or "")
     reference = _reference(spec, source, segmenter)
-    return Plan(spec, source, segmenter, grid, out, fingerprint(spec, source, grid), reference)
+    identity = getattr(segmenter, "identity", None)
+    return Plan(spec, source, segmenter, grid, out, fingerprint(spec, source, grid, identity), reference)
 
 
 def _reference(spec: JobSpec, source: ImageSource, segmenter: Segmenter) -> ImageSource | None:
@@ -106,20 +108,22 @@ def _check_formats(spec: JobSpec, kind: str) -> None:
         )
 
 
-def _halo(spec: JobSpec, segmenter: Segmenter) -> int:
+def _halo(spec: JobSpec, segmenter: Segmenter) -> int | tuple[int, ...]:
+    need = segmenter.halo  # an int, or one value per axis (e.g. a 3-D window)
+    most = max(need) if isinstance(need, tuple) else need
     if spec.tiling.halo is None:
-        return segmenter.halo
-    if spec.tiling.halo < segmenter.halo:
+        return need
+    if spec.tiling.halo < most:
         raise HaloTooSmallError(
-            f"tiling.halo {spec.tiling.halo} is smaller than the {segmenter.halo} pixels segmenter "
+            f"tiling.halo {spec.tiling.halo} is smaller than the {most} pixels segmenter "
             f"{segmenter.name!r} needs with these parameters; chunks would disagree at seams. Set "
-            f"tiling.halo to at least {segmenter.halo} or remove it."
+            f"tiling.halo to at least {most} or remove it."
         )
     return spec.tiling.halo
 
 
-def fingerprint(spec: JobSpec, source: ImageSource, grid: ChunkGrid) -> str:
-    """Hash of input identity, segmenter, parameters and tile geometry."""
+def fingerprint(spec: JobSpec, source: ImageSource, grid: ChunkGrid, identity: Any = None) -> str:
+    """Hash of input identity, segmenter (and its model's checksum), parameters and tile geometry."""
     record: dict[str, Any] = {
         "input": _identity(source.path),
         "segmenter": spec.segmenter.name,
@@ -136,5 +140,7 @@ def fingerprint(spec: JobSpec, source: ImageSource, grid: ChunkGrid) -> str:
 def _identity(path: Path | str) -> list[Any]:
     if isinstance(path, str):  # a URL: sizes and versions (ETag, date) from the server
         return remote.identity(path)
+    if identity is not None:
+        record["model"] = identity
     files = sorted(path.rglob("*")) if path.is_dir() else [path]
     return [str(path)] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]

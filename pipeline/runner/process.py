@@ -56,13 +56,44 @@ def read_block(staged: Path, spec: ChunkSpec, edge_mode: str) -> np.ndarray:
     return spec.pad_block(zarr_store.read_box(staged, spec.read, channels=True), edge_mode)
 
 
+def setup_torch_worker() -> None:
+    """Once per worker process: torch's device (the worker's ``GPU`` resource) and CPU threads."""
+    from pipeline.models.torch import runtime
+
+    if runtime.configured():
+        return
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except ValueError:  # not on a worker (whole-image runs in the client)
+        return
+    gpu = worker.state.total_resources.get("GPU", 0) > 0
+    runtime.configure(gpu=gpu, threads=worker.state.nthreads)
+
+
 def segment_block(
-    staged: Path, spec: ChunkSpec, edge_mode: str, nodata: float | None, segmenter: Segmenter
+    staged: Path,
+    spec: ChunkSpec,
+    edge_mode: str,
+    nodata: float | None,
+    segmenter: Segmenter,
+    extras: dict[str, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Run ``segmenter`` on the chunk's read block: ``(output over the block, valid mask)``."""
+    """Run ``segmenter`` on the chunk's read block: ``(output over the block, valid mask)``.
+
+    When ``extras`` is a dict, the segmenter's extra outputs over the block are put into it.
+    """
+    if getattr(segmenter, "uses_torch", False):
+        setup_torch_worker()
     block = read_block(staged, spec, edge_mode)
     valid = valid_mask(block, nodata)
-    out = segmenter.run(block, valid, spec.context(padded=edge_mode != "clip"))
+    ctx = spec.context(padded=edge_mode != "clip")
+    if extras is not None and segmenter.extra_outputs:
+        out, more = segmenter.run_extra(block, valid, ctx)
+        extras.update(more)
+    else:
+        out = segmenter.run(block, valid, ctx)
     if out.shape != block.shape[1:]:
         raise PipelineError(
             f"chunk {spec.chunk_id}: segmenter {segmenter.name!r} returned shape "
@@ -129,8 +160,15 @@ def segment_chunk(
 ) -> dict[str, Any]:
     """Segment one chunk, write its write box, record completion; return its metrics row."""
     t0 = time.perf_counter()
-    labels, _ = segment_block(staged, spec, edge_mode, nodata, segmenter)
+    extras: dict[str, np.ndarray] = {}
+    labels, _ = segment_block(staged, spec, edge_mode, nodata, segmenter, extras)
     core = crop_to_core(labels, spec, padded=edge_mode != "clip")
+    for name, values in extras.items():  # written before the labels: the chunk is marked done last
+        index: tuple[Any, ...] = (Ellipsis, *spec.core(padded=edge_mode != "clip"))
+        cropped = values[index]
+
+        zarr_store.write_box(extras_path(labels_path, name), spec.write, cropped)
+
     zarr_store.write_box(labels_path, spec.write, core)
     row = tile_row(
         spec.chunk_id,
@@ -157,6 +195,11 @@ def segment_chunk(
     row.update(seconds=time.perf_counter() - t0, worker=worker_name(), status="done")
     zarr_store.CompletionLog(records, "segment").mark(spec.chunk_id, row)
     return row
+
+
+def extras_path(labels_path: Path, name: str) -> Path:
+    """Staging array of a segmenter's extra output (next to the labels)."""
+    return labels_path.with_name(f"extra-{name}")
 
 
 def window_check(
