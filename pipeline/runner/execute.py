@@ -134,13 +134,6 @@ def create_stores(plan: Plan) -> None:
         fill_value=plan.segmenter.nodata_label,
         attrs={"classes": {str(k): v for k, v in plan.segmenter.classes.items()}},
     )
-
-
-def execute(plan: Plan, client: Client, *, restart: bool = False) -> RunResult:
-    """Run every stage of ``plan`` on ``client`` and finalize the outputs."""
-    result = RunResult(plan)
-    if not prepare_output(plan, restart=restart):
-        create_stores(plan)
     for name, bands in plan.segmenter.extra_outputs.items():
         lead = (bands,) if bands else ()
         zarr_store.create_array(
@@ -152,6 +145,13 @@ def execute(plan: Plan, client: Client, *, restart: bool = False) -> RunResult:
             fill_value=float("nan") if bands else -1.0,  # entropy's nodata is -1
             attrs={"classes": {str(k): v for k, v in plan.segmenter.classes.items()}} if bands else {},
         )
+
+
+def execute(plan: Plan, client: Client, *, restart: bool = False) -> RunResult:
+    """Run every stage of ``plan`` on ``client`` and finalize the outputs."""
+    result = RunResult(plan)
+    if not prepare_output(plan, restart=restart):
+        create_stores(plan)
     _timed(result, "ingest", lambda: ingest(plan, client))
     fitted = _timed(result, "fit", lambda: plan.segmenter.fit(make_reducer(plan, client)))
     result.segmenter = fitted
@@ -265,6 +265,7 @@ def segment(plan: Plan, client: Client, segmenter: Segmenter, result: RunResult)
     nodata = getattr(plan.source.geometry, "nodata", None)
     token = _token()
     seg_future = client.scatter(segmenter, broadcast=True) if todo else None
+    resources = gpu_resources(client, segmenter)
     futures = {
         client.submit(
             process.segment_chunk,
@@ -274,28 +275,18 @@ def segment(plan: Plan, client: Client, segmenter: Segmenter, result: RunResult)
             plan.grid.edge_mode,
             nodata,
             seg_future,
-    resources = gpu_resources(client, segmenter)
             plan.source.geometry,
             plan.records,
             _reference(plan),
             key=f"segment-{s.chunk_id}-{token}",
             retries=plan.spec.retries,
+            resources=resources,
         ): s.chunk_id
         for s in todo
     }
     _wait_all(plan, futures, "segment", result.failures)
 
 
-def seam_check(plan: Plan, client: Client, segmenter: Segmenter) -> dict[str, Any]:
-    """Re-segment windows centred on chunk corners on their own; count pixels that differ."""
-    windows = [plan.grid.window(box) for box in plan.grid.seam_windows()]
-            resources=resources,
-    if not windows:
-        return {"windows": 0, "pixels": 0, "differing": 0}
-    nodata = getattr(plan.source.geometry, "nodata", None)
-    futures = [
-        client.submit(
-            process.window_check,
 def gpu_resources(client: Client, segmenter: Segmenter) -> dict[str, float] | None:
     """``{"GPU": 1}`` for learned segmenters when the cluster has workers with the GPU resource.
 
@@ -310,6 +301,16 @@ def gpu_resources(client: Client, segmenter: Segmenter) -> dict[str, float] | No
     return None
 
 
+def seam_check(plan: Plan, client: Client, segmenter: Segmenter) -> dict[str, Any]:
+
+    """Re-segment windows centred on chunk corners on their own; count pixels that differ."""
+    windows = [plan.grid.window(box) for box in plan.grid.seam_windows()]
+    if not windows:
+        return {"windows": 0, "pixels": 0, "differing": 0}
+    nodata = getattr(plan.source.geometry, "nodata", None)
+    futures = [
+        client.submit(
+            process.window_check,
             plan.staging / "input",
             plan.staging / "labels",
             w,

@@ -133,6 +133,8 @@ def fingerprint(spec: JobSpec, source: ImageSource, grid: ChunkGrid, identity: A
         "edge_mode": grid.edge_mode,
         "segpipe": __version__,
     }
+    if identity is not None:
+        record["model"] = identity
     text = json.dumps(record, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -140,7 +142,5 @@ def fingerprint(spec: JobSpec, source: ImageSource, grid: ChunkGrid, identity: A
 def _identity(path: Path | str) -> list[Any]:
     if isinstance(path, str):  # a URL: sizes and versions (ETag, date) from the server
         return remote.identity(path)
-    if identity is not None:
-        record["model"] = identity
     files = sorted(path.rglob("*")) if path.is_dir() else [path]
     return [str(path)] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
