@@ -25,7 +25,7 @@ from pipeline.errors import ChunkFailedError, OutputConflictError
 from pipeline.io import zarr_store
 from pipeline.models import Segmenter
 from pipeline.models.base import CombineFn, PartialFn
-from pipeline.runner import finalize, process
+from pipeline.runner import finalize, process, publish
 from pipeline.runner.instances import run_instances
 from pipeline.runner.plan import Plan
 from pipeline.tiling import ChunkSpec
@@ -57,7 +57,8 @@ class RunResult:
 
 
 def check_output(plan: Plan, *, restart: bool = False) -> bool:
-    """Whether the output folder can be resumed; raise if it belongs to something else."""
+    """Whether the output folder can be resumed; raise if it (or the s3:// one) belongs to something else."""
+    publish.check_remote(plan, restart=restart)
     job_file = plan.records / "job.json"
     if not (plan.out.exists() and any(plan.out.iterdir())):
         return False
@@ -77,7 +78,13 @@ def check_output(plan: Plan, *, restart: bool = False) -> bool:
 
 
 def prepare_output(plan: Plan, *, restart: bool = False) -> bool:
-    """Claim the output folder; return whether a previous run's records can be resumed."""
+    """Claim the output folder (and an s3:// one); return whether a previous run's records can be resumed."""
+    resume = _prepare_local(plan, restart=restart)
+    publish.claim_remote(plan, restart=restart)
+    return resume
+
+
+def _prepare_local(plan: Plan, *, restart: bool = False) -> bool:
     job_file = plan.records / "job.json"
     if check_output(plan, restart=restart):
         (plan.out / "summary.json").unlink(missing_ok=True)
@@ -178,6 +185,8 @@ def execute(plan: Plan, client: Client, *, restart: bool = False) -> RunResult:
     if result.failures:
         raise_failures(plan, result.failures)
     _timed(result, "finalize", lambda: result.outputs.update(finalize.finalize(plan, fitted)))
+    if plan.publish:  # s3:// output: upload from the work folder; write_summary uploads the summary last
+        _timed(result, "publish", lambda: result.outputs.update(publish.upload(plan, result.outputs)))
     finalize.write_summary(
         plan,
         fitted,
@@ -302,7 +311,6 @@ def gpu_resources(client: Client, segmenter: Segmenter) -> dict[str, float] | No
 
 
 def seam_check(plan: Plan, client: Client, segmenter: Segmenter) -> dict[str, Any]:
-
     """Re-segment windows centred on chunk corners on their own; count pixels that differ."""
     windows = [plan.grid.window(box) for box in plan.grid.seam_windows()]
     if not windows:

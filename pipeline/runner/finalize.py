@@ -24,7 +24,7 @@ from pipeline.io.quicklook import write_quicklook
 from pipeline.metrics import write_tile_table
 from pipeline.metrics.tiles import seam_scores
 from pipeline.models import Segmenter
-from pipeline.runner import catalog
+from pipeline.runner import catalog, publish
 from pipeline.runner.plan import Plan
 from pipeline.runner.process import extras_path
 from pipeline.runner.spec import dump_job
@@ -250,10 +250,13 @@ def write_summary(
         **(diagnostics or {}),
         **_reference_summary(plan, segmenter),
         "timings_s": timings,
+        **({"work_dir": str(plan.out)} if plan.publish else {}),
         "outputs": outputs,
         "versions": _versions(),
     }
-    return _atomic_text(plan.out / "summary.json", json.dumps(summary, indent=2, default=str))
+    text = json.dumps(summary, indent=2, default=str)
+    publish.put_summary(plan, text)  # s3:// output: after every other output was uploaded
+    return _atomic_text(plan.out / "summary.json", text)
 
 
 def _reference_summary(plan: Plan, segmenter: Segmenter) -> dict[str, Any]:

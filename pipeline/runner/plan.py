@@ -45,6 +45,13 @@ class Plan:
         return "raster" if len(self.source.spatial_shape) == 2 else "volume"
 
     @property
+    def publish(self) -> str | None:
+        """The ``s3://`` folder the finished outputs are uploaded to (``out`` is then the local
+        work folder of the staging store and records); ``None`` for a local output folder."""
+        target = self.spec.output.dir
+        return target if remote.is_url(target) else None
+
+    @property
     def staging(self) -> Path:
         """The zarr staging store."""
         return self.out / "staging.zarr"
@@ -73,7 +80,7 @@ def make_plan(spec: JobSpec) -> Plan:
     _check_formats(spec, kind)
     halo = _halo(spec, segmenter)
     grid = ChunkGrid.build(source.spatial_shape, spec.tiling.chunk, halo, spec.tiling.edge_mode)
-    out = Path(spec.output.dir or "")
+    out = Path(spec.output.work_dir or spec.output.dir or "")  # work_dir: with an s3:// output
     reference = _reference(spec, source, segmenter)
     identity = getattr(segmenter, "identity", None)
     return Plan(spec, source, segmenter, grid, out, fingerprint(spec, source, grid, identity), reference)

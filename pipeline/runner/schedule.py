@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 from pipeline.errors import ConfigError, PipelineError, RunInProgressError
+from pipeline.io import remote
 from pipeline.runner.spec import JobSpec
 
 SCHEMA = """
@@ -38,7 +39,9 @@ create table if not exists items (run_id text, item text, input text, fingerprin
 
 
 def is_multi_scene(spec: JobSpec) -> bool:
-    """Whether the job's input is a glob of scenes or a STAC file of items."""
+    """Whether the job's input is a glob of scenes or a STAC file of items (never a URL)."""
+    if remote.is_url(spec.input.path):
+        return False
     return any(ch in spec.input.path for ch in "*?[") or is_stac(spec.input.path)
 
 
@@ -50,6 +53,12 @@ def is_stac(path: str) -> bool:
 
 def scene_specs(spec: JobSpec) -> list[tuple[str, JobSpec]]:
     """``(item id, job spec)`` per scene (glob match or STAC item), sorted by item id."""
+    if remote.is_url(spec.output.dir):
+        raise ConfigError(
+            f"output.dir {spec.output.dir!r}: multi-scene jobs (a glob or STAC input) write to a local "
+            "or shared folder (they keep a ledger and a run lock there); s3:// outputs are for "
+            "single-input jobs"
+        )
     if is_stac(spec.input.path):
         scenes = stac_scenes(Path(spec.input.path), asset=spec.input.asset)
     else:

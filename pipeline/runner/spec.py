@@ -2,6 +2,9 @@
 
 Unknown keys are errors naming the key path and the allowed keys. Relative input paths are
 resolved against the job file's folder; the output folder against the working directory.
+``input.path`` (and ``reference.path``) may be ``http(s)://`` or ``s3://`` URLs and ``output.dir``
+an ``s3://`` URL; credentials never come from job files (keys that look like credentials are
+refused), only from the environment (:mod:`pipeline.io.remote`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.errors import ConfigError, ReadError
+from pipeline.io import remote
 from pipeline.tiling.grid import EdgeMode
 
 OutputFormat = Literal["zarr", "cog", "nifti", "mha", "ome-zarr", "png", "gpkg", "geoparquet"]
@@ -23,7 +27,10 @@ class _Strict(BaseModel):
 
 
 class InputSpec(_Strict):
-    path: str = Field(description="raster, volume file, DICOM folder or segpipe zarr array")
+    path: str = Field(
+        description="raster, volume file, DICOM folder or segpipe zarr array; or an http(s)/s3 URL "
+        "of a GeoTIFF/COG or zarr array"
+    )
     allow_missing_crs: bool = False
     asset: str = Field("image", description="STAC input: the asset key of each item's raster")
 
@@ -51,7 +58,12 @@ class TilingSpec(_Strict):
 
 
 class OutputSpec(_Strict):
-    dir: str | None = None
+    dir: str | None = Field(None, description="output folder, or an s3://bucket/prefix URL")
+    work_dir: str | None = Field(
+        None,
+        description="with an s3:// dir: the local (or shared) folder of the staging store and "
+        "completion records, from which finished outputs are uploaded (default outputs/<name>)",
+    )
     simplify: float = Field(0.0, ge=0, description="polygon simplification tolerance in map units")
 
     formats: list[OutputFormat] = Field(default_factory=lambda: ["zarr", "png"])  # type: ignore[arg-type]
@@ -94,12 +106,49 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     return resolve_paths(parse_job(raw, source=str(p)), base=p.parent)
 
 
+#: Keys that hold secrets: a job file naming one is refused (job files are copied into outputs).
+CREDENTIAL_KEYS = frozenset(
+    {
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+        "access_key",
+        "access_key_id",
+        "secret_key",
+        "secret_access_key",
+        "secret",
+        "password",
+        "token",
+        "session_token",
+        "credentials",
+        "storage_options",
+        "client_kwargs",
+    }
+)
+
+
 def parse_job(raw: dict[str, Any], *, source: str = "<job>") -> JobSpec:
     """Validate a job mapping; errors name the key path and the allowed keys."""
+    _refuse_credentials(raw, source)
     try:
         return JobSpec.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(f"{source}: " + "; ".join(_describe(err) for err in e.errors())) from None
+
+
+def _refuse_credentials(raw: dict[str, Any], source: str) -> None:
+    """Refuse credential-like keys anywhere but in segmenter parameters."""
+    stack: list[tuple[str, Any]] = [(k, v) for k, v in raw.items() if k != "segmenter"]
+    while stack:
+        where, node = stack.pop()
+        if where.rsplit(".", 1)[-1].lower() in CREDENTIAL_KEYS:
+            raise ConfigError(
+                f"{source}: key {where!r} looks like a credential; job files never hold credentials "
+                f"(they are copied into job.resolved.yaml and summary.json). Remove it and "
+                f"{remote.CREDENTIALS_HINT.replace(' (job files never hold credentials)', '')}."
+            )
+        if isinstance(node, dict):
+            stack += [(f"{where}.{k}", v) for k, v in node.items()]
 
 
 def _describe(err: Any) -> str:
@@ -138,12 +187,29 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
 
 
 def resolve_paths(spec: JobSpec, *, base: Path) -> JobSpec:
-    """Input path against the job file's folder; output dir against the working directory."""
-    inp = Path(spec.input.path).expanduser()
-    resolved = (inp if inp.is_absolute() else base / inp).resolve()
-    out = Path(spec.output.dir or Path("outputs") / spec.name).expanduser().resolve()
+    """Input path against the job file's folder; output dir against the working directory.
+
+    URLs are checked (scheme, no credentials in them) and kept as they are. With an ``s3://``
+    output, ``output.work_dir`` (default ``outputs/<name>``) is resolved instead.
+    """
+    resolved = _input_path(spec.input.path, base, what="input.path")
+    default_out = Path("outputs") / spec.name
+    out = spec.output.dir or str(default_out)
+    work = spec.output.work_dir
+    if remote.is_url(out):
+        remote.check_url(out, what="output.dir", write=True)
+        work = str(Path(work or default_out).expanduser().resolve())
+    else:
+        if work is not None:
+            raise ConfigError(
+                f"output.work_dir {work!r} is only used with an s3:// output.dir; remove it "
+                f"(the output folder {out!r} holds the staging store itself)"
+            )
+        out = str(Path(out).expanduser().resolve())
     reference = spec.reference
-    if reference is not None and not Path(reference.path).is_absolute():
+    if reference is not None and remote.is_url(reference.path):
+        remote.check_url(reference.path, what="reference.path")
+    elif reference is not None and not Path(reference.path).is_absolute():
         reference = reference.model_copy(update={"path": str((base / reference.path).resolve())})
     profile = spec.cluster.profile
     if profile and not Path(profile).is_absolute():
@@ -152,21 +218,41 @@ def resolve_paths(spec: JobSpec, *, base: Path) -> JobSpec:
         update={
             "cluster": spec.cluster.model_copy(update={"profile": profile}),
             "reference": reference,
-            "input": spec.input.model_copy(update={"path": str(resolved)}),
-            "output": spec.output.model_copy(update={"dir": str(out)}),
+            "input": spec.input.model_copy(update={"path": resolved}),
+            "output": spec.output.model_copy(update={"dir": out, "work_dir": work}),
         }
     )
+
+
+def _input_path(path: str, base: Path, *, what: str) -> str:
+    """A URL as it is (checked), or a local path resolved against ``base``."""
+    if remote.is_url(path):
+        return remote.check_url(path, what=what)
+    p = Path(path).expanduser()
+    return str((p if p.is_absolute() else base / p).resolve())
 
 
 def confine_output(spec: JobSpec, root: str | None) -> None:
     """Refuse an output folder outside ``root`` (the site's ``SEGPIPE_OUTPUT_ROOT``), if set."""
     if not root:
         return
+    if remote.is_url(spec.output.dir) or remote.is_url(root):
+        _confine_url(spec.output.dir or "", root)
+        return
     out, base = Path(spec.output.dir or ""), Path(root).resolve()
     if not out.is_relative_to(base):
         raise ConfigError(
             f"output.dir {str(out)!r} is outside the output root {str(base)!r} "
             "(SEGPIPE_OUTPUT_ROOT); choose a folder inside it"
+        )
+
+
+def _confine_url(out: str, root: str) -> None:
+    prefix = root.rstrip("/") + "/"
+    if not (remote.is_url(out) and remote.is_url(root) and (out.rstrip("/") + "/").startswith(prefix)):
+        raise ConfigError(
+            f"output.dir {out!r} is outside the output root {root!r} (SEGPIPE_OUTPUT_ROOT); choose "
+            "a folder inside it (an s3:// output needs an s3:// root that contains it)"
         )
 
 
