@@ -19,7 +19,7 @@ from rasterio.windows import Window
 from pipeline.data.geometry import GeoRef, check_same_geometry
 from pipeline.errors import InvalidImageError, ReadError, WriteError
 from pipeline.io import remote
-from pipeline.io.overviews import Resampling, check_resampling, write_overviews
+from pipeline.io.overviews import Resampling, allocate_overviews, check_resampling, fill_overviews
 from pipeline.tiling import Box
 
 # Rasters without georeference are refused unless a job allows them; once allowed, GDAL's
@@ -162,8 +162,10 @@ def write_cog(
     tmp = path.with_name(f".tmp-{path.name}")
     try:
         with rasterio.Env(**COG_ENV):
-            _write_tiled(stage, georef, shape, (bands, dtype), windows, nodata)
-            levels = write_overviews(stage, resampling, nodata, blocksize=blocksize)
+            levels = _write_tiled(
+                stage, georef, shape, (bands, dtype), windows, nodata, (resampling, blocksize)
+            )
+            fill_overviews(stage, levels, resampling, nodata)
             rasterio.shutil.copy(
                 stage,
                 tmp,
@@ -204,7 +206,8 @@ def _write_tiled(
     layout: tuple[int, str],
     windows: Callable[[], Iterator[tuple[Box, np.ndarray]]],
     nodata: float | None,
-) -> None:
+    overviews: tuple[Resampling, int],
+) -> list[tuple[int, int]]:
     bands, dtype = layout
     profile = {
         "driver": "GTiff",
@@ -223,10 +226,12 @@ def _write_tiled(
         "BIGTIFF": "IF_SAFER",
     }
     with rasterio.open(stage, "w", **profile) as dst:
+        levels = allocate_overviews(dst, overviews[0], blocksize=overviews[1])
         for box, data in windows():
             (y0, x0), (y1, x1) = box.start, box.stop
             block = data if data.ndim == 3 else data[None]
             dst.write(block, window=Window(x0, y0, x1 - x0, y1 - y0))
+    return levels
 
 
 def verify_raster(path: Path, georef: GeoRef, shape: tuple[int, int], nodata: float | None) -> None:

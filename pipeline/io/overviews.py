@@ -16,8 +16,8 @@ partial pixels by weight (AVERAGE). Here every level is defined exactly, so it c
   nodata value and not NaN; a block without a valid pixel is nodata (NaN for a float raster
   without a declared nodata).
 
-Levels are written into the hidden staging GeoTIFF, tile by tile (bounded memory), and the COG
-driver copies them as they are.
+Levels are created in the hidden staging GeoTIFF before its pixels are written, filled tile by
+tile (bounded memory) once they are, and the COG driver copies them as they are.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 import rasterio
@@ -100,14 +100,17 @@ def _quads(a: np.ndarray, nodata: float | None) -> tuple[list[np.ndarray], list[
 
 
 def _mode(values: list[np.ndarray], valid: list[np.ndarray], fill: float) -> np.ndarray:
-    best = np.zeros_like(values[0])
-    best_count = np.full(values[0].shape, -1, dtype=np.int8)
-    for v, ok in zip(values, valid, strict=True):
-        count = sum(((v == u) & k).astype(np.int8) for u, k in zip(values, valid, strict=True))
-        count = np.where(ok, count, -1)
-        better = (count > best_count) | ((count == best_count) & ok & (v < best))
-        best = np.where(better, v, best)
-        best_count = np.where(better, count, best_count)
+    # counts[i]: how many valid pixels of the block equal pixel i (0 when pixel i is not valid)
+    counts = [k.astype(np.uint8) for k in valid]
+    for i, j in ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)):
+        same = (values[i] == values[j]) & valid[i] & valid[j]
+        counts[i] += same
+        counts[j] += same
+    best, best_count = values[0].copy(), counts[0].copy()
+    for v, count in zip(values[1:], counts[1:], strict=True):
+        better = (count > best_count) | ((count == best_count) & (count > 0) & (v < best))
+        np.copyto(best, v, where=better)
+        np.copyto(best_count, count, where=better)
     return np.where(best_count > 0, best, np.asarray(fill).astype(best.dtype))
 
 
@@ -121,21 +124,22 @@ def _mean(values: list[np.ndarray], valid: list[np.ndarray], fill: float, dtype:
     return mean.astype(dtype)
 
 
-def write_overviews(
-    path: Path, resampling: Resampling, nodata: float | None, *, blocksize: int
-) -> list[tuple[int, int]]:
-    """Build the overview levels of the GeoTIFF ``path`` in place; return their shapes.
-
-    GDAL allocates the levels (a quick NEAREST pass that only sizes them); each is then
-    overwritten tile by tile with :func:`reduce_2x2` of the level above it.
-    """
-    with rasterio.open(path) as ds:
-        shapes = level_shapes((ds.height, ds.width), blocksize)
-    if not shapes:
-        return []
-    with rasterio.open(path, "r+") as ds:
+def allocate_overviews(ds: Any, resampling: Resampling, *, blocksize: int) -> list[tuple[int, int]]:
+    """Create the overview levels of ``ds``, a GeoTIFF open for writing and still empty; return
+    their shapes. Building them before any pixel is written reads nothing (the levels hold
+    nodata) and costs nothing; :func:`fill_overviews` then writes every level."""
+    shapes = level_shapes((ds.height, ds.width), blocksize)
+    if shapes:
         ds.build_overviews([2 ** (k + 1) for k in range(len(shapes))], GdalResampling.nearest)
         ds.update_tags(OVERVIEW_RESAMPLING=resampling)
+    return shapes
+
+
+def fill_overviews(
+    path: Path, shapes: list[tuple[int, int]], resampling: Resampling, nodata: float | None
+) -> None:
+    """Write every overview level of the GeoTIFF ``path``, tile by tile, each with
+    :func:`reduce_2x2` of the level above it (level 0: the full-resolution raster)."""
     for k, shape in enumerate(shapes):
         above = {} if k == 0 else {"overview_level": k - 1}
         with rasterio.open(path, **above) as src, rasterio.open(path, "r+", overview_level=k) as dst:
@@ -147,7 +151,6 @@ def write_overviews(
             for window in _tiles(shape):
                 block = src.read(window=_source_window(window, src.height, src.width))
                 dst.write(reduce_2x2(block, resampling, nodata), window=window)
-    return shapes
 
 
 def _tiles(shape: tuple[int, int]) -> Iterator[Window]:
