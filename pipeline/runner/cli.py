@@ -219,7 +219,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         profile=args.profile,
         announce=lambda link: console.print(f"dashboard: {link}"),
     ):
-        print(f"{result.plan.spec.name}: complete -> {result.plan.out}")
+        print(f"{result.plan.spec.name}: complete -> {result.plan.publish or result.plan.out}")
         for name, path in result.outputs.items():
             print(f"  {name:>6}: {path}")
     return 0

@@ -23,6 +23,7 @@ from pipeline.errors import ChunkFailedError, OutputConflictError, ReadError, Wr
 from pipeline.io import remote
 from pipeline.io.sources import open_source
 from pipeline.runner.api import run_job
+from pipeline.runner.cli import main
 from pipeline.runner.execute import RunResult, check_output
 from pipeline.runner.plan import make_plan
 from pipeline.runner.spec import JobSpec
@@ -265,3 +266,26 @@ def test_workers_without_credentials_fail_with_the_reason(
         ),
     ):
         run_job(spec, client=client)
+
+
+def test_segpipe_run_cli_with_s3_input_and_output(
+    s3_client: Any, bucket: str, fs: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job_file = tmp_path / "flood.yaml"
+    job_file.write_text(
+        "name: flood-s3\n"
+        f"input: {{path: {bucket}/inputs/s2.tif}}\n"
+        "segmenter: {name: otsu, params: {band: B8, foreground: below, class_name: water}}\n"
+        "tiling: {chunk: [256, 256]}\n"
+        f"output: {{dir: {bucket}/runs/cli, work_dir: {tmp_path / 'work'}, formats: [zarr, cog]}}\n"
+    )
+    assert main(["run", str(job_file), "--scheduler", s3_client.scheduler.address]) == 0
+    printed = capsys.readouterr().out
+    assert f"flood-s3: complete -> {bucket}/runs/cli" in printed
+    assert f"{bucket}/runs/cli/labels.tif" in printed
+    assert json.loads(fs.cat_file(f"{BUCKET}/runs/cli/summary.json"))["job"] == "flood-s3"
+
+    leaky = tmp_path / "leaky.yaml"
+    leaky.write_text(job_file.read_text().replace("input: {", "input: {aws_secret_access_key: abc, "))
+    assert main(["run", str(leaky), "--scheduler", s3_client.scheduler.address]) == 2
+    assert "input.aws_secret_access_key' looks like a credential" in capsys.readouterr().err
