@@ -220,8 +220,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         announce=lambda link: console.print(f"dashboard: {link}"),
     ):
         print(f"{result.plan.spec.name}: complete -> {result.plan.publish or result.plan.out}")
+        width = max(map(len, result.outputs), default=0)
         for name, path in result.outputs.items():
-            print(f"  {name:>6}: {path}")
+            print(f"  {name:>{width}}: {path}")
     return 0
 
 
