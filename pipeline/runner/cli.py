@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -85,6 +86,11 @@ def _parser() -> argparse.ArgumentParser:
     segs.set_defaults(func=_cmd_segmenters)
     _eval_parser(sub)
     _train_parser(sub)
+    exp = sub.add_parser("export", help="export a U-Net model card to TorchScript or ONNX (a new card)")
+    exp.add_argument("model", help="shipped model name, card YAML or folder")
+    exp.add_argument("--format", choices=["torchscript", "onnx"], required=True)
+    exp.add_argument("--out", required=True, help="folder for the model file and its card.yaml")
+    exp.set_defaults(func=_cmd_export)
     _inspect_parser(sub)
     rep = sub.add_parser("report", help="HTML report (with PNG figures) of a finished run folder")
     rep.add_argument("run_dir", help="a run's output folder (holding summary.json)")
@@ -126,7 +132,17 @@ def _train_parser(sub: Any) -> None:
     tr.set_defaults(func=_cmd_train)
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.models.torch.adapters import export_model
+    from pipeline.models.torch.card import load_card
+
+    card = export_model(load_card(args.model), args.format, Path(args.out))
+    print(f"{args.model}: {args.format} model and card -> {card}")
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+
     import shlex
 
     from pipeline.runner.train_spec import load_train_job

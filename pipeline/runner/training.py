@@ -345,10 +345,10 @@ def evaluate_trained(job: TrainJob) -> dict[str, Any]:
     boxes = [Box(tuple(r["box"][0]), tuple(r["box"][1])) for r in card.validation["regions"]]
     splits = splits_for(job, staged)
     regions = [Region(s.image, s.labels, sp) for s, sp in zip(staged, splits, strict=True)]
-    model = UNet(**card.architecture.network())
+    model = UNet(**card.network.network())
     model.load_state_dict(load_weights(card.weights_path))
     normalise = Normaliser(tuple(card.inputs.mean), tuple(card.inputs.std), card.inputs.clip)
     ids = sorted(card.classes)
-    scores = validation_scores(model, regions, boxes, normalise, ids, card.architecture.depth)
+    scores = validation_scores(model, regions, boxes, normalise, ids, card.network.depth)
     scores["per_class"] = {card.classes[c]: v for c, v in scores["per_class"].items()}
     return scores

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.errors import ConfigError, ReadError
 
@@ -50,12 +50,35 @@ class Inputs(BaseModel):
     clip: tuple[float, float] | None = None
 
 
+class Runtime(BaseModel):
+    """An exported or brought-in network file run without its Python code (TorchScript or ONNX)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal["torchscript", "onnx"]
+    file: str
+    sha256: str = ""
+    #: Input layout: a batch of channel-first windows, 2-D or 3-D.
+    layout: Literal["NCHW", "NCDHW"]
+    #: What the network returns: per-class logits at the input's size.
+    output: Literal["semantic_logits"] = "semantic_logits"
+    #: Spatial sizes the network accepts are multiples of this (2**depth for a U-Net); segpipe pads.
+    align: int = Field(1, ge=1)
+
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.layout) - 2
+
+
 class ModelCard(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
     description: str = ""
-    architecture: Architecture
+    #: Our own U-Net (built from this and the safetensors weights); optional when ``runtime`` is set.
+    architecture: Architecture | None = None
+    #: A TorchScript/ONNX file to run instead of building the network from ``architecture``.
+    runtime: Runtime | None = None
     classes: dict[int, str]
     inputs: Inputs
     patch_size: list[int]
@@ -72,9 +95,38 @@ class ModelCard(BaseModel):
     #: Folder the card was read from (not serialised).
     folder: Path | None = Field(default=None, exclude=True)
 
+    @model_validator(mode="after")
+    def _one_network(self) -> ModelCard:
+        if self.architecture is None and self.runtime is None:
+            raise ValueError(
+                "a model card needs `architecture` (a segpipe U-Net) or `runtime` (a model file)"
+            )
+        return self
+
     @property
     def weights_path(self) -> Path:
-        return (self.folder or Path(".")) / self.weights
+        return (self.folder or Path(".")) / (self.runtime.file if self.runtime else self.weights)
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.runtime.spatial_dims if self.runtime else self.network.spatial_dims
+
+    @property
+    def network(self) -> Architecture:
+        """The U-Net architecture (a card with a runtime file may have none)."""
+        if self.architecture is None:
+            kind = self.runtime.format if self.runtime else "model"
+            raise ValueError(f"model card {self.name!r} describes a {kind} file, not a U-Net")
+        return self.architecture
+
+    @property
+    def align(self) -> int:
+        """Input sizes the network needs: multiples of this (segpipe pads windows)."""
+        return self.runtime.align if self.runtime else int(2**self.network.depth)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
 
     def save(self, path: str | Path) -> Path:
         """Write the card as YAML (stable key order)."""
@@ -126,7 +178,8 @@ def load_card(model: str | Path, *, check_weights: bool = True) -> ModelCard:
                 f"{path}: its weights file {w} is missing; re-run the training command in the card "
                 f"({card.command or 'segpipe train ...'})"
             )
-        if card.weights_sha256 and sha256_of(w) != card.weights_sha256:
+        expected = card.runtime.sha256 if card.runtime else card.weights_sha256
+        if expected and sha256_of(w) != expected:
             raise ReadError(
                 f"{w}: checksum differs from the card {path} (weights_sha256); the weights were "
                 "changed or truncated. Re-train or restore the file that goes with this card."

@@ -10,7 +10,7 @@ validating jobs does not pay for it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import Field
@@ -21,9 +21,6 @@ from pipeline.models.classical.threshold import resolve_band
 from pipeline.models.torch import runtime
 from pipeline.models.torch.card import ModelCard, load_card
 from pipeline.tiling import BlockContext
-
-if TYPE_CHECKING:
-    import torch
 
 #: Networks loaded in this process, by (weights file, checksum, device).
 _NETWORKS: dict[tuple[str, str, str], Any] = {}
@@ -69,38 +66,41 @@ class UNetSegmenter(Segmenter):
     def __init__(self, params: SegmenterParams, info: ImageInfo) -> None:
         super().__init__(params, info)
         self.card: ModelCard = load_card(self.params.model)
-        arch = self.card.architecture
-        if arch.spatial_dims != info.spatial_ndim:
+        card = self.card
+        if card.spatial_dims != info.spatial_ndim:
             raise ConfigError(
-                f"model {self.params.model!r} is a {arch.spatial_dims}-D network but the input is a "
+                f"model {self.params.model!r} is a {card.spatial_dims}-D network but the input is a "
                 f"{info.kind} ({info.spatial_ndim}-D); use a {info.spatial_ndim}-D model"
             )
-        if sorted(self.card.classes) != list(range(arch.out_channels)):
+        outputs = card.architecture.out_channels if card.architecture else card.n_classes
+        if sorted(card.classes) != list(range(outputs)):
             raise ConfigError(
-                f"model card {self.card.folder}: classes {sorted(self.card.classes)} must be 0.."
-                f"{arch.out_channels - 1}, one per output channel"
+                f"model card {card.folder}: classes {sorted(card.classes)} must be 0.."
+                f"{outputs - 1}, one per output channel"
             )
         self.bands = [
-            resolve_band(b, info, where=f"model card inputs.bands ({self.card.folder})")
-            for b in self.card.inputs.bands
+            resolve_band(b, info, where=f"model card inputs.bands ({card.folder})") for b in card.inputs.bands
         ]
-        if len(self.bands) != arch.in_channels:
+        if card.architecture and len(self.bands) != card.architecture.in_channels:
             raise ConfigError(
-                f"model card {self.card.folder}: {len(self.bands)} input bands for a network of "
-                f"{arch.in_channels} channels"
+                f"model card {card.folder}: {len(self.bands)} input bands for a network of "
+                f"{card.architecture.in_channels} channels"
             )
         self.window = self._window()
 
     # -- declared facts -------------------------------------------------------------------
     @property
     def align(self) -> int:
-        return int(2**self.card.architecture.depth)
+        return self.card.align
 
     @property
     def reach(self) -> int:
+        """How far an output pixel looks: computed from a U-Net's layers, else the card's halo."""
         from pipeline.models.torch.unet import receptive_extent
 
-        return max(receptive_extent(self.card.architecture.depth))
+        if self.card.runtime is not None:
+            return self.card.halo
+        return max(receptive_extent(self.card.network.depth))
 
     @property
     def halo(self) -> Any:
@@ -116,12 +116,13 @@ class UNetSegmenter(Segmenter):
     @property
     def identity(self) -> dict[str, str]:
         """The model's name and weights checksum, for the job fingerprint (new weights: new results)."""
-        return {"name": self.card.name, "weights_sha256": self.card.weights_sha256}
+        sha = self.card.runtime.sha256 if self.card.runtime else self.card.weights_sha256
+        return {"name": self.card.name, "weights_sha256": sha}
 
     @property
     def extra_outputs(self) -> dict[str, int]:
         """Extra per-pixel outputs and their band counts (0: one band, no band axis)."""
-        n = self.card.architecture.out_channels
+        n = self.card.n_classes
         return {name: (n if name == "probabilities" else 0) for name in self.params.outputs}
 
     def _window(self) -> tuple[int, ...]:
@@ -182,28 +183,23 @@ class UNetSegmenter(Segmenter):
 
     def _network(self) -> tuple[Any, str]:
         device = runtime.device_for(self.params.device)
-        key = (str(self.card.weights_path.resolve()), self.card.weights_sha256, device)
+        key = (str(self.card.weights_path.resolve()), self.identity["weights_sha256"], device)
         net = _NETWORKS.get(key)
         if net is None:
-            from pipeline.models.torch.unet import UNet
-            from pipeline.models.torch.weights import load_weights
+            from pipeline.models.torch.adapters import load_network
 
-            net = UNet(**self.card.architecture.network())
-            net.load_state_dict(load_weights(self.card.weights_path))
-            net.eval().to(device)
+            net = load_network(self.card, device)
             _NETWORKS[key] = net
             LOADS[key[0]] = LOADS.get(key[0], 0) + 1
         return net, device
 
     def _forward(self, batch: list[np.ndarray]) -> np.ndarray:
-        import torch
+        """Class probabilities for a batch of windows of one shape."""
+        from pipeline.models.torch.adapters import softmax
 
-        net, device = self._network()
-        x = torch.from_numpy(np.stack(batch)).to(device)
-        with torch.inference_mode(), runtime.autocast(device, self.params.precision):
-            logits = net(x)
-        probs: torch.Tensor = torch.softmax(logits.float(), dim=1)
-        return probs.cpu().numpy()
+        net, _ = self._network()
+        logits = net(np.stack(batch), precision=self.params.precision)
+        return softmax(logits)
 
     def _crop(self, x: np.ndarray, origin: tuple[int, ...]) -> np.ndarray:
         from pipeline.models.torch.infer import batches, crop_windows
@@ -214,7 +210,7 @@ class UNetSegmenter(Segmenter):
         axes = [
             crop_windows(n, w, self.reach, self.align) for n, w in zip(x.shape[1:], self.window, strict=True)
         ]
-        out = np.empty((self.card.architecture.out_channels, *x.shape[1:]), np.float32)
+        out = np.empty((self.card.n_classes, *x.shape[1:]), np.float32)
         combos = _product(axes)
         wins = [tuple(slice(w.start, w.stop) for w in c) for c in combos]
         for run in batches(wins, self.params.batch_size):
@@ -233,7 +229,7 @@ class UNetSegmenter(Segmenter):
         image = tuple(self.info.shape) or spatial
         stride = tuple(max(1, round(w * (1 - self.params.overlap))) for w in self.window)
         wins = blend_windows(image, origin, spatial, self.window, stride)
-        acc = np.zeros((self.card.architecture.out_channels, *spatial), np.float32)
+        acc = np.zeros((self.card.n_classes, *spatial), np.float32)
         wsum = np.zeros(spatial, np.float32)
         weights: dict[tuple[int, ...], np.ndarray] = {}
         for run in batches(wins, self.params.batch_size):

@@ -103,6 +103,13 @@ class UNet(nn.Module):
             pad += [0, (-size) % self.align]
         if any(pad):
             x = F.pad(x, pad)
+        return self.forward_aligned(x)[(slice(None), slice(None), *(slice(0, s) for s in spatial))]
+
+    def forward_aligned(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for an input whose spatial sizes are multiples of :attr:`align` (no padding).
+
+        This is the graph that exports (TorchScript, ONNX) with free input sizes.
+        """
         skips = []
         for i, block in enumerate(self.down):
             x = block(x)
@@ -111,8 +118,7 @@ class UNet(nn.Module):
                 x = self.pool(x)
         for i in reversed(range(self.depth)):
             x = self.dec[i](torch.cat([skips[i], self.up[i](x)], dim=1))
-        x = self.head(x)
-        return x[(slice(None), slice(None), *(slice(0, s) for s in spatial))]
+        return self.head(x)
 
 
 def receptive_extent(depth: int) -> tuple[int, int]:
