@@ -5,7 +5,9 @@ Layout of an output folder::
     OUT/staging.zarr/input    the ingested image (C, *spatial), chunked by the grid
     OUT/staging.zarr/labels   the stitched label map (*spatial), chunked by the grid
     OUT/.segpipe/job.json     fingerprint of the job that owns the folder
-    OUT/.segpipe/done/STAGE/ID.json   one completion record per finished chunk (its metrics row)
+    OUT/.segpipe/done/STAGE/ID.json   the completion record of a chunk done by a task of its own
+    OUT/.segpipe/done/STAGE/ID+N.jsonl   the records (metrics rows) of the N chunks of one batch
+                                         task, from chunk ID on: one file per task, not per chunk
 
 Writes are aligned with zarr chunks, so concurrent chunk tasks never touch one zarr chunk.
 Records are written to a temporary name and renamed, so a record exists only for a chunk
@@ -54,9 +56,18 @@ def create_array(
     arr.attrs.update({GEOMETRY_ATTR: geometry.to_json(), **(attrs or {})})
 
 
-def write_box(path: Path, box: Box, data: np.ndarray) -> None:
-    """Write ``data`` into the trailing (spatial) axes ``box`` of the array at ``path``."""
-    arr = zarr.open_array(store=str(path), mode="r+")
+def open_array(path: Path | str, *, write: bool = False) -> zarr.Array:
+    """The zarr array at ``path`` (local path or URL), opened once for many region reads or writes.
+
+    :func:`read_box` and :func:`write_box` take it in place of a path; opening an array costs
+    about as much as reading a small chunk, so a task handling many chunks opens it once.
+    """
+    return zarr.open_array(store=str(path) if write else _store(path), mode="r+" if write else "r")
+
+
+def write_box(path: Path | zarr.Array, box: Box, data: np.ndarray) -> None:
+    """Write ``data`` into the trailing (spatial) axes ``box`` of the array at ``path`` (or open array)."""
+    arr = path if isinstance(path, zarr.Array) else zarr.open_array(store=str(path), mode="r+")
     lead = (slice(None),) * (arr.ndim - box.ndim)
     arr[lead + box.slices()] = data
 
@@ -66,13 +77,14 @@ def _store(path: Path | str) -> Any:
     return remote.zarr_store(str(path)) if remote.is_url(path) else str(path)
 
 
-def read_box(path: Path | str, box: Box, *, channels: bool = False) -> np.ndarray:
+def read_box(path: Path | str | zarr.Array, box: Box, *, channels: bool = False) -> np.ndarray:
     """Read the spatial ``box``; with ``channels`` a 3-D volume gains a leading channel axis.
 
-    ``path`` may be an http(s)/s3 URL: only the zarr chunks under ``box`` are fetched.
+    ``path`` may be an http(s)/s3 URL: only the zarr chunks under ``box`` are fetched; or an
+    array from :func:`open_array`.
     """
     try:
-        if remote.is_url(path):
+        if not isinstance(path, zarr.Array) and remote.is_url(path):
             with remote.explained(str(path), f"reading {box.start}..{box.stop}"):
                 data = _read(path, box)
         else:
@@ -87,8 +99,8 @@ def read_box(path: Path | str, box: Box, *, channels: bool = False) -> np.ndarra
     return data[None] if channels and data.ndim == box.ndim else data
 
 
-def _read(path: Path | str, box: Box) -> np.ndarray:
-    arr = zarr.open_array(store=_store(path), mode="r")
+def _read(path: Path | str | zarr.Array, box: Box) -> np.ndarray:
+    arr = path if isinstance(path, zarr.Array) else zarr.open_array(store=_store(path), mode="r")
     lead = (slice(None),) * (arr.ndim - box.ndim)
     return np.asarray(arr[lead + box.slices()])
 
@@ -114,29 +126,59 @@ def array_info(path: Path | str) -> tuple[tuple[int, ...], str, Geometry]:
 
 
 class CompletionLog:
-    """Per-chunk completion records of one stage, each holding that chunk's metrics row."""
+    """Completion records of one stage, each holding a chunk's metrics row.
+
+    A task that did one chunk writes ``ID.json``; a batch task writes the rows of all its chunks
+    as one ``ID+N.jsonl`` file once every one of them is written, so a job of 10^5 chunks leaves
+    one file per task, not per chunk. A chunk is done when any file holds its row.
+    """
 
     def __init__(self, root: Path, stage: str) -> None:
         self.dir = root / "done" / stage
 
     def mark(self, chunk_id: str, row: dict[str, Any]) -> None:
         """Record ``chunk_id`` as complete (atomic)."""
+        self._write(f"{chunk_id}.json", json.dumps(row, default=_jsonable))
+
+    def mark_many(self, rows: list[dict[str, Any]]) -> None:
+        """Record the chunks of ``rows`` (each with its ``chunk_id``) as complete, in one file (atomic)."""
+        if len(rows) <= 1:
+            for row in rows:
+                self.mark(row["chunk_id"], row)
+            return
+        text = "\n".join(json.dumps(row, default=_jsonable) for row in rows)
+        self._write(f"{rows[0]['chunk_id']}+{len(rows)}.jsonl", text + "\n")
+
+    def _write(self, name: str, text: str) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / f".{chunk_id}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(row, default=_jsonable))
-        os.replace(tmp, self.dir / f"{chunk_id}.json")
+        tmp = self.dir / f".{name}.{os.getpid()}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, self.dir / name)
 
     def done(self) -> set[str]:
         """Ids of completed chunks."""
         if not self.dir.exists():
             return set()
-        return {p.stem for p in self.dir.glob("*.json")}
+        ids = {p.stem for p in self.dir.glob("*.json")}
+        for path in self.dir.glob("*.jsonl"):
+            ids.update(json.loads(line)["chunk_id"] for line in path.read_text().splitlines() if line)
+        return ids
 
     def rows(self) -> list[dict[str, Any]]:
-        """All completion records."""
+        """All completion records, one per chunk (sorted by file name, then as written)."""
         if not self.dir.exists():
             return []
-        return [json.loads(p.read_text()) for p in sorted(self.dir.glob("*.json"))]
+        by_id: dict[str, dict[str, Any]] = {}
+        for path in sorted([*self.dir.glob("*.json"), *self.dir.glob("*.jsonl")]):
+            if path.suffix == ".json":
+                row = json.loads(path.read_text())
+                by_id[row.get("chunk_id", path.stem)] = row
+            else:
+                for line in path.read_text().splitlines():
+                    if line:
+                        row = json.loads(line)
+                        by_id[row["chunk_id"]] = row
+        return list(by_id.values())
 
 
 def _jsonable(value: Any) -> Any:

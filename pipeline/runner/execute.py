@@ -1,23 +1,29 @@
 """Run a planned job on a Dask client: ingest, fit, segment, finalize.
 
-Chunks are submitted as futures keyed by stage and chunk id; completed chunks (by their
-records) are skipped on a rerun with the same fingerprint.
+Chunk stages run in waves (:func:`run_waves`): small chunks are batched into tasks of about
+``TASK_PIXELS`` pixels, and at most ``IN_FLIGHT_PER_THREAD`` tasks per worker thread are
+submitted at a time, so the client and scheduler hold a bounded number of futures for a job of
+any size. Tasks are keyed by stage and first chunk id; completed chunks (by their records) are
+skipped on a rerun with the same fingerprint.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 import traceback
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distributed import Client, Future, as_completed
+import numpy as np
+from distributed import Client, Future, as_completed, wait
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -28,17 +34,30 @@ from pipeline.models.base import CombineFn, PartialFn
 from pipeline.runner import finalize, process, publish
 from pipeline.runner.instances import run_instances
 from pipeline.runner.plan import Plan
-from pipeline.tiling import ChunkSpec
 
 log = logging.getLogger(__name__)
 FAN_IN = 8
-#: Chunks per fit task: fewer tasks and one partial in memory per task (at most; small jobs
-#: still spread over every worker).
+#: Chunks per fit task: fewer tasks and one partial in memory per task (at least this many when
+#: the grid is large, more for small chunks (``TASK_PIXELS``); small jobs still spread over every
+#: worker).
 REDUCE_BATCH = 32
+#: Pixels (write boxes) a chunk task should handle: small chunks are batched, neighbours
+#: together, until a task covers about this many, so the fixed cost of a task (scheduling, the
+#: round trip, opening the staging arrays, a zarr call, a completion file) is paid once per
+#: ~1 Mpx rather than per chunk. A task segments its chunks one after another; it reads their
+#: blocks in one call and gathers their labels for one write when the union of their boxes is
+#: under ``process.UNION_PIXELS``, chunk by chunk otherwise.
+TASK_PIXELS = 2**20
+#: Tasks submitted per worker thread at a time (``run_waves``): enough to keep every thread
+#: busy across the client's round trip, few enough that the scheduler holds O(threads) tasks
+#: for a job of any number of chunks.
+IN_FLIGHT_PER_THREAD = 4
+#: Batches are made no larger than needed to give every worker thread this many tasks.
+MIN_TASKS_PER_THREAD = 4
 
 
-def _n_workers(client: Client) -> int:
-    return max(1, len(client.nthreads()))
+def _n_threads(client: Client) -> int:
+    return max(1, sum(client.nthreads().values()))
 
 
 @dataclass
@@ -159,7 +178,8 @@ def execute(plan: Plan, client: Client, *, restart: bool = False) -> RunResult:
     result = RunResult(plan)
     if not prepare_output(plan, restart=restart):
         create_stores(plan)
-    _timed(result, "ingest", lambda: ingest(plan, client))
+    scheduling = result.diagnostics.setdefault("scheduling", {})
+    scheduling["ingest"] = _timed(result, "ingest", lambda: ingest(plan, client))
     fitted = _timed(result, "fit", lambda: plan.segmenter.fit(make_reducer(plan, client)))
     result.segmenter = fitted
     if fitted.kind != "semantic":
@@ -178,7 +198,7 @@ def execute(plan: Plan, client: Client, *, restart: bool = False) -> RunResult:
         )
         result.chunks_computed = len(plan.grid)
     else:
-        _timed(result, "segment", lambda: segment(plan, client, fitted, result))
+        scheduling["segment"] = _timed(result, "segment", lambda: segment(plan, client, fitted, result))
         result.diagnostics["seam_check"] = _timed(
             result, "seam_check", lambda: seam_check(plan, client, fitted)
         )
@@ -206,94 +226,198 @@ def _timed(result: RunResult, stage: str, fn: Callable[[], Any]) -> Any:
     return value
 
 
-def ingest(plan: Plan, client: Client) -> None:
-    """Stream the source into the staging input, one read unit (chunk, slab or file) per task."""
-    done = zarr_store.CompletionLog(plan.records, "ingest").done()
-    todo = [s for s in plan.grid if s.chunk_id not in done]
-    if not todo:
-        return
-    target, token = plan.staging / "input", _token()
-    futures = {
-        client.submit(
+def ingest(plan: Plan, client: Client) -> dict[str, Any]:
+    """Stream the source into the staging input, one read unit (a block of chunks, a slab or the
+    file) per task, in waves; return the scheduling figures (:func:`run_waves`)."""
+    log = zarr_store.CompletionLog(plan.records, "ingest")
+    todo = plan.grid.todo(plan.grid.done_mask(log.done()))
+    target, grid, records = plan.staging / "input", plan.grid, plan.records
+    groups = ingest_groups(plan, todo, chunks_per_task(plan, client, len(todo)))
+
+    def submit(group: np.ndarray, key: str) -> Future:
+        return client.submit(
             process.ingest_group,
             plan.source,
             target,
+            grid,
             group,
-            plan.records,
-            key=f"ingest-{group[0].chunk_id}-{token}",
+            records,
+            key=key,
             retries=plan.spec.retries,
-        ): group[0].chunk_id
-        for group in ingest_groups(plan.source.read_unit, todo)
-    }
-    _wait_all(plan, futures, "ingest")
+        )
+
+    # A slab or a whole compressed file is read for any chunk of it: a failed group is not split.
+    return run_waves(plan, client, "ingest", groups, submit, split=plan.source.read_unit == "region")
 
 
-def ingest_groups(unit: str, specs: list[ChunkSpec]) -> list[list[ChunkSpec]]:
-    """Chunks read together: one each (``region``), per z index (``slab``), or all (``whole``)."""
+def ingest_groups(plan: Plan, todo: np.ndarray, per_task: int) -> list[np.ndarray]:
+    """Chunks read together: blocks of neighbouring chunks (``region``: their union is one read),
+    per z index (``slab``: DICOM slices are read whole), or all (``whole``: compressed volumes)."""
+    if len(todo) == 0:
+        return []
+    unit = plan.source.read_unit
     if unit == "whole":
-        return [specs]
+        return [todo]
     if unit == "slab":
-        slabs: dict[int, list[ChunkSpec]] = {}
-        for s in specs:
-            slabs.setdefault(s.index[0], []).append(s)
-        return list(slabs.values())
-    return [[s] for s in specs]
+        cuts = np.flatnonzero(todo[1:, 0] != todo[:-1, 0]) + 1  # todo is in grid order
+        return np.split(todo, cuts)
+    return plan.grid.groups(todo, per_task)
+
+
+def chunks_per_task(plan: Plan, client: Client, n_chunks: int) -> int:
+    """Chunks one task handles: enough for ``TASK_PIXELS`` pixels, but no fewer than
+    ``MIN_TASKS_PER_THREAD`` tasks per worker thread (load balance); 1 for chunks of 1 Mpx and up."""
+    by_size = max(1, TASK_PIXELS // math.prod(plan.grid.chunk))
+    spread = max(1, -(-n_chunks // (MIN_TASKS_PER_THREAD * _n_threads(client))))
+    return min(by_size, spread)
 
 
 def make_reducer(plan: Plan, client: Client) -> Callable[[PartialFn, CombineFn], Any]:
-    """A reducer mapping a partial statistic over every chunk and combining it as a tree."""
+    """A reducer mapping a partial statistic over every chunk and combining it as a tree.
+
+    Leaf tasks take batches of neighbouring chunks (at least ``REDUCE_BATCH``, more when chunks
+    are small); the tree is built over segments of ``FAN_IN**3`` leaves submitted one after
+    another (at most two segments in flight), so the scheduler holds a bounded number of tasks
+    and the combination order depends only on the grid, never on completion order.
+    """
     staged, edge, nodata = plan.staging / "input", plan.grid.edge_mode, plan.source.geometry
-    nd = getattr(nodata, "nodata", None)
+    nd, grid = getattr(nodata, "nodata", None), plan.grid
+    todo = grid.todo()
+    spread = max(1, -(-len(todo) // (MIN_TASKS_PER_THREAD * _n_threads(client))))
+    size = min(spread, max(REDUCE_BATCH, TASK_PIXELS // math.prod(grid.chunk)))
+    batches = grid.groups(todo, size)
+    segment = FAN_IN**3
 
-    specs = list(plan.grid)
-    size = max(1, min(REDUCE_BATCH, -(-len(specs) // (4 * _n_workers(client)))))
-    batches = [specs[i : i + size] for i in range(0, len(specs), size)]
-
-    def reduce(partial: PartialFn, combine: CombineFn) -> Any:
-        parts = [
-            client.submit(process.reduce_chunks, staged, b, edge, nd, partial, combine, pure=False)
-            for b in batches
-        ]
-
+    def tree(parts: list[Future], combine: CombineFn) -> Future:
         while len(parts) > 1:
             parts = [
                 client.submit(process.combine_many, combine, *parts[i : i + FAN_IN], pure=False)
                 for i in range(0, len(parts), FAN_IN)
             ]
-        return parts[0].result()
+        return parts[0]
+
+    def reduce(partial: PartialFn, combine: CombineFn) -> Any:
+        finished: list[Future] = []
+        live: deque[Future] = deque()
+        for i in range(0, len(batches), segment):
+            leaves = [
+                client.submit(process.reduce_chunks, staged, grid, b, edge, nd, partial, combine, pure=False)
+                for b in batches[i : i + segment]
+            ]
+            live.append(tree(leaves, combine))
+            if len(live) >= 2:
+                wait(live[0])
+                finished.append(live.popleft())
+        return tree([*finished, *live], combine).result()
 
     return reduce
 
 
-def segment(plan: Plan, client: Client, segmenter: Segmenter, result: RunResult) -> None:
-    """Segment every chunk not yet recorded as complete."""
-    done = zarr_store.CompletionLog(plan.records, "segment").done()
-    todo = [s for s in plan.grid if s.chunk_id not in done]
+def segment(plan: Plan, client: Client, segmenter: Segmenter, result: RunResult) -> dict[str, Any]:
+    """Segment every chunk not yet recorded as complete, in waves of batched tasks."""
+    log = zarr_store.CompletionLog(plan.records, "segment")
+    todo = plan.grid.todo(plan.grid.done_mask(log.done()))
     result.chunks_skipped = len(plan.grid) - len(todo)
     result.chunks_computed = len(todo)
     nodata = getattr(plan.source.geometry, "nodata", None)
-    token = _token()
-    seg_future = client.scatter(segmenter, broadcast=True) if todo else None
+    seg_future = client.scatter(segmenter, broadcast=True) if len(todo) else None
     resources = gpu_resources(client, segmenter)
-    futures = {
-        client.submit(
-            process.segment_chunk,
+    reference = _reference(plan)
+
+    def submit(group: np.ndarray, key: str) -> Future:
+        return client.submit(
+            process.segment_chunks,
             plan.staging / "input",
             plan.staging / "labels",
-            s,
-            plan.grid.edge_mode,
-            nodata,
+            plan.grid,
+            group,
             seg_future,
+            nodata,
             plan.source.geometry,
             plan.records,
-            _reference(plan),
-            key=f"segment-{s.chunk_id}-{token}",
+            reference,
+            catch=len(group) > 1,
+            key=key,
             retries=plan.spec.retries,
             resources=resources,
-        ): s.chunk_id
-        for s in todo
-    }
-    _wait_all(plan, futures, "segment", result.failures)
+        )
+
+    groups = plan.grid.groups(todo, chunks_per_task(plan, client, len(todo)))
+    return run_waves(plan, client, "segment", groups, submit, result.failures)
+
+
+def run_waves(
+    plan: Plan,
+    client: Client,
+    stage: str,
+    groups: list[np.ndarray],
+    submit: Callable[[np.ndarray, str], Future],
+    quarantine: dict[str, dict[str, str]] | None = None,
+    *,
+    split: bool = True,
+) -> dict[str, Any]:
+    """Run one task per group of grid indices with at most ``IN_FLIGHT_PER_THREAD`` tasks per
+    worker thread submitted at a time; return the scheduling figures.
+
+    The next group is submitted as each task finishes, so the scheduler and the client hold
+    O(workers) futures however many chunks the job has. A task's result is the list of positions
+    of its chunks that failed (or anything else when none did); those chunks, and every chunk of
+    a task that itself failed (a lost worker, a damaged read), are resubmitted one per task, so a
+    chunk that keeps failing is retried by Dask and reported under its own id: to ``quarantine``,
+    or raised (:func:`raise_failures`) when there is none. Without ``split`` a failed group is
+    reported under its first chunk's id.
+    """
+    window = max(2, IN_FLIGHT_PER_THREAD * _n_threads(client))
+    n_chunks = sum(len(g) for g in groups)
+    stats: dict[str, Any] = {"chunks": n_chunks, "tasks": 0, "window": window, "in_flight_max": 0}
+    stats["chunks_per_task_max"] = max((len(g) for g in groups), default=0)
+    pending: deque[np.ndarray] = deque(groups)
+    live: dict[Future, np.ndarray] = {}
+    failures: dict[str, dict[str, str]] = {}
+    token = _token()
+    futures = as_completed()
+
+    def top_up() -> None:
+        while pending and len(live) < window:
+            group = pending.popleft()
+            first = _chunk_id(group[0])
+            key = f"{stage}-{first}-{token}" if len(group) == 1 else f"{stage}-{first}+{len(group)}-{token}"
+            fut = submit(group, key)
+            live[fut] = group
+            futures.add(fut)
+            stats["tasks"] += 1
+        stats["in_flight_max"] = max(stats["in_flight_max"], len(live))
+
+    with _progress(stage, n_chunks) as (progress, task):
+        top_up()
+        for fut in futures:
+            group = live.pop(fut)
+            if fut.status == "error" and len(group) > 1 and split:
+                pending.extendleft(group[i : i + 1] for i in reversed(range(len(group))))
+            elif fut.status == "error":
+                failures[_chunk_id(group[0])] = {
+                    "stage": stage,
+                    "error": repr(fut.exception())
+                    + (f" (a task of {len(group)} chunks)" if len(group) > 1 else ""),
+                    "traceback": "".join(traceback.format_tb(fut.traceback())),
+                }
+                progress.advance(task, len(group))
+            else:
+                value = fut.result()
+                bad = value if isinstance(value, list) else []
+                pending.extendleft(group[i : i + 1] for i in reversed(bad))
+                progress.advance(task, len(group) - len(bad))
+            del fut
+            top_up()
+    if quarantine is not None:
+        quarantine.update(failures)
+    elif failures:
+        raise_failures(plan, failures)
+    return stats
+
+
+def _chunk_id(index: np.ndarray) -> str:
+    return "_".join(str(int(i)) for i in index)
 
 
 def gpu_resources(client: Client, segmenter: Segmenter) -> dict[str, float] | None:
@@ -385,6 +509,7 @@ class _progress:
     """A rich progress bar on stderr (quiet when there is nothing to do)."""
 
     def __init__(self, stage: str, total: int) -> None:
+        self.stage = stage
         self.bar = Progress(
             TextColumn(f"[bold]{stage:>8}"),
             BarColumn(),

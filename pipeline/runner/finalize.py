@@ -6,14 +6,17 @@ Every file is written under a hidden temporary name, checked, then renamed; the 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
 import time
+from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import pandas as pd
 
 from pipeline.data.geometry import GeoRef, VolumeRef
@@ -52,6 +55,8 @@ LIBRARIES = (
 #: keeps one pixel in four: thin classes (rivers, roads) alias and flicker between levels.
 #: Float score rasters (probabilities, uncertainty) take AVERAGE.
 LABEL_OVERVIEWS: Resampling = "MODE"
+#: Least side (pixels) of the windows a COG is written in (whole chunks each; ~1 Mpx of labels).
+COG_WINDOW = 1024
 
 
 def finalize(plan: Plan, segmenter: Segmenter) -> dict[str, str]:
@@ -164,8 +169,7 @@ def _extra_outputs(plan: Plan, labels: Path, segmenter: Segmenter) -> dict[str, 
         if "cog" in formats and isinstance(plan.source.geometry, GeoRef):
 
             def windows(path: Path = path):  # type: ignore[no-untyped-def]
-                for spec in plan.grid:
-                    yield spec.write, zarr_store.read_box(path, spec.write)
+                yield from _blocks(plan, path)
 
             out[name] = str(
                 geo.write_cog(
@@ -193,8 +197,7 @@ def _write_cog(plan: Plan, labels: Path, segmenter: Segmenter) -> Path:
     nodata = segmenter.nodata_label if has_nodata and segmenter.kind == "semantic" else None
 
     def windows():  # type: ignore[no-untyped-def]
-        for spec in plan.grid:
-            yield spec.write, zarr_store.read_box(labels, spec.write)
+        yield from _blocks(plan, labels)
 
     shape = plan.source.spatial_shape
     dtype = zarr_store.array_info(labels)[1]
@@ -207,6 +210,17 @@ def _write_cog(plan: Plan, labels: Path, segmenter: Segmenter) -> Path:
         nodata=nodata,
         resampling=LABEL_OVERVIEWS,
     )
+
+
+def _blocks(plan: Plan, path: Path) -> Iterator[tuple[Box, np.ndarray]]:
+    """The zarr array at ``path`` as windows of whole chunks, at least ``COG_WINDOW`` pixels a
+    side (or the image): one read per window instead of one per chunk, however small the chunks."""
+    arr = zarr_store.open_array(path)
+    shape, chunk = plan.grid.shape, plan.grid.chunk
+    side = [c * max(1, -(-COG_WINDOW // c)) for c in chunk]
+    for start in itertools.product(*(range(0, n, s) for n, s in zip(shape, side, strict=True))):
+        box = Box(start, tuple(min(a + s, n) for a, s, n in zip(start, side, shape, strict=True)))
+        yield box, zarr_store.read_box(arr, box)
 
 
 def write_summary(

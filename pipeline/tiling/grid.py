@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -166,14 +166,66 @@ class ChunkGrid:
         cut = tuple((a > 0, b < s) for a, b, s in zip(read.start, read.stop, self.shape, strict=True))
         return ChunkSpec(index or (-1,), read, write, pad, cut)
 
+    def done_mask(self, chunk_ids: Iterable[str]) -> np.ndarray:
+        """Boolean array of shape :attr:`counts`: True at the chunks named in ``chunk_ids``.
+
+        Ids that are not chunks of this grid are ignored.
+        """
+        mask = np.zeros(self.counts, dtype=bool)
+        for cid in chunk_ids:
+            try:
+                index = tuple(int(p) for p in cid.split("_"))
+            except ValueError:
+                continue
+            if len(index) == mask.ndim and all(0 <= i < n for i, n in zip(index, self.counts, strict=True)):
+                mask[index] = True
+        return mask
+
+    def todo(self, done: np.ndarray | None = None) -> np.ndarray:
+        """Grid indices ``(n, ndim)`` of the chunks not set in ``done`` (a :meth:`done_mask`), in
+        grid order. Unlike iterating the grid, no :class:`ChunkSpec` is built."""
+        mask = np.ones(self.counts, dtype=bool) if done is None else ~done
+        return np.argwhere(mask).astype(np.int64)
+
+    def block_shape(self, per_block: int) -> tuple[int, ...]:
+        """Chunks per axis of a block of about ``per_block`` neighbouring chunks (at most that
+        many), filled from the last axis and no longer than the grid along any axis."""
+        sides: list[int] = []
+        left = max(1, int(per_block))
+        for axis in reversed(range(len(self.counts))):
+            side = min(self.counts[axis], max(1, round(left ** (1 / (axis + 1)))))
+            while side > 1 and side > left:
+                side -= 1
+            sides.append(side)
+            left = max(1, left // side)
+        return tuple(reversed(sides))
+
+    def groups(self, indices: np.ndarray, per_group: int) -> list[np.ndarray]:
+        """``indices`` (from :meth:`todo`) split into groups of neighbouring chunks: the chunks of
+        each :meth:`block_shape` block of the grid, blocks in grid order, chunks in grid order
+        within a block. A group has at most ``per_group`` chunks and spans one block's box."""
+        if len(indices) == 0:
+            return []
+        sides = np.asarray(self.block_shape(per_group), dtype=np.int64)
+        keys = indices // sides
+        order = np.lexsort(tuple(np.concatenate([keys, indices], axis=1).T[::-1]))  # keys first
+        keys, ordered = keys[order], indices[order]
+        cuts = np.flatnonzero(np.any(keys[1:] != keys[:-1], axis=1)) + 1
+        return np.split(ordered, cuts)
+
+    def specs(self, indices: np.ndarray) -> list[ChunkSpec]:
+        """The :class:`ChunkSpec` of each row of ``indices``."""
+        return [self.spec(tuple(int(i) for i in row)) for row in indices]
+
     def seam_windows(self, count: int = 4, size: int = 128) -> list[Box]:
         """Up to ``count`` boxes of side ``size`` centred on interior chunk corners (spread out)."""
-        corners = [c for c in itertools.product(*(range(1, n) for n in self.counts))]
-        if not corners:
+        inner = tuple(n - 1 for n in self.counts)  # corners: every index from 1 to n - 1 per axis
+        n_corners = int(np.prod(inner)) if all(inner) else 0
+        if not n_corners:
             return []
         picks = [
-            corners[round(i * (len(corners) - 1) / max(count - 1, 1))]
-            for i in range(min(count, len(corners)))
+            tuple(int(i) + 1 for i in np.unravel_index(round(k * (n_corners - 1) / max(count - 1, 1)), inner))
+            for k in range(min(count, n_corners))
         ]
         boxes = []
         for corner in dict.fromkeys(picks):

@@ -17,6 +17,7 @@ import rasterio
 import yaml
 
 from pipeline.errors import ChunkFailedError
+from pipeline.io.zarr_store import CompletionLog
 from pipeline.testing import write_raster
 from tests.helpers import run
 from tests.integration.test_cli_scheduler import _free_port, _spawn, _wait_for_workers
@@ -48,8 +49,7 @@ def _job_file(folder: Path, raster: Path, out: Path) -> Path:
 
 
 def _done(out: Path) -> int:
-    folder = out / ".segpipe" / "done" / "segment"
-    return len(list(folder.glob("*.json"))) if folder.exists() else 0
+    return len(CompletionLog(out / ".segpipe", "segment").done())
 
 
 def _wait_until(predicate, timeout: float = 240) -> None:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -82,3 +84,29 @@ def test_bad_grid_arguments() -> None:
         ChunkGrid.build((4, 4, 4), (2, 2), 0)
     with pytest.raises(ConfigError, match="edge mode"):
         ChunkGrid((4, 4), (2, 2), (0, 0), "wrap")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("shape", "chunk", "per"), [((100, 130), (10, 10), 7), ((40, 30, 20), (5, 5, 5), 50), ((9, 9), (3, 3), 1)]
+)
+def test_groups_partition_the_chunks_to_do_into_blocks(shape, chunk, per) -> None:
+    grid = ChunkGrid.build(shape, chunk, 0)
+    done = grid.done_mask(["0_0" if len(shape) == 2 else "0_0_0", "1_2_3_4", "x", "99_99"])
+    todo = grid.todo(done)
+    assert len(todo) == len(grid) - 1 and done.sum() == 1
+    groups = grid.groups(todo, per)
+    seen = np.concatenate(groups)
+    assert sorted(map(tuple, seen)) == sorted(map(tuple, todo))  # every chunk once
+    sides = np.asarray(grid.block_shape(per))
+    assert np.prod(sides) <= per
+    for g in groups:
+        assert len(g) <= per and len({tuple(k) for k in g // sides}) == 1  # one block each
+    assert [s.chunk_id for s in grid.specs(todo[:3])] == [s.chunk_id for s in list(grid)[1:4]]
+
+
+def test_seam_windows_spread_over_interior_corners_without_listing_them() -> None:
+    grid = ChunkGrid.build((1000, 700), (64, 64), 0)
+    corners = list(itertools.product(*(range(1, n) for n in grid.counts)))
+    picks = [corners[round(i * (len(corners) - 1) / 3)] for i in range(4)]
+    centres = [tuple(int(b.start[a] + 64) for a in range(2)) for b in grid.seam_windows()]
+    assert centres == [tuple(i * 64 for i in c) for c in picks]
