@@ -41,9 +41,8 @@ def data() -> Path:
     return DATA
 
 
-@pytest.fixture(scope="session")
-def client() -> Iterator[object]:
-    """One local cluster for the whole session: 2 worker processes, 1 thread, 1 GiB each."""
+def _local_cluster(memory_limit: str) -> Iterator[object]:
+    """A client of a local cluster of 2 worker processes with 1 thread each, on 127.0.0.1."""
     from distributed import Client, LocalCluster
 
     from pipeline.cluster.connect import WORKER_ENV
@@ -52,7 +51,7 @@ def client() -> Iterator[object]:
         n_workers=2,
         threads_per_worker=1,
         processes=True,
-        memory_limit="1GiB",
+        memory_limit=memory_limit,
         env=WORKER_ENV,
         dashboard_address=":0",
         host="127.0.0.1",
@@ -60,6 +59,12 @@ def client() -> Iterator[object]:
     with Client(cluster) as c:
         yield c
     cluster.close()
+
+
+@pytest.fixture(scope="session")
+def client() -> Iterator[object]:
+    """One local cluster for the whole session: 2 worker processes, 1 thread, 1 GiB each."""
+    yield from _local_cluster("1GiB")
 
 
 @pytest.fixture(scope="session")
@@ -70,19 +75,4 @@ def torch_client() -> Iterator[object]:
     get their own workers with the 2 GiB a local cluster gives by default; the 1 GiB workers of
     ``client`` stay torch-free for the memory tests.
     """
-    from distributed import Client, LocalCluster
-
-    from pipeline.cluster.connect import WORKER_ENV
-
-    cluster = LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        processes=True,
-        memory_limit="2GiB",
-        env=WORKER_ENV,
-        dashboard_address=":0",
-        host="127.0.0.1",
-    )
-    with Client(cluster) as c:
-        yield c
-    cluster.close()
+    yield from _local_cluster("2GiB")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -40,11 +41,11 @@ def _spawn(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
         return subprocess.Popen([str(BIN / "dask"), *args], stdout=fh, stderr=subprocess.STDOUT, env=env)
 
 
-@pytest.fixture(scope="module")
-def dask_cli_cluster(tmp_path_factory) -> Iterator[str]:
+@contextmanager
+def cli_cluster(logs: Path, workers: dict[str, list[str]], memory_limit: str = "1GiB") -> Iterator[str]:
+    """`dask scheduler` and one `dask worker` per name (with its extra options) on 127.0.0.1."""
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"
-    logs = tmp_path_factory.mktemp("dask-logs")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [
         _spawn(
@@ -52,36 +53,24 @@ def dask_cli_cluster(tmp_path_factory) -> Iterator[str]:
         )
     ]
     time.sleep(1.0)
-    for i in range(2):
-        procs.append(
-            _spawn(
-                [
-                    "worker",
-                    address,
-                    "--nthreads",
-                    "1",
-                    "--nworkers",
-                    "1",
-                    "--memory-limit",
-                    "1GiB",
-                    "--host",
-                    "127.0.0.1",
-                    "--no-dashboard",
-                    "--name",
-                    f"w{i}",
-                ],
-                logs / f"w{i}.log",
-                env,
-            )
-        )
+    common = ["--nthreads", "1", "--nworkers", "1", "--memory-limit", memory_limit]
+    for name, extra in workers.items():
+        args = ["worker", address, *common, "--host", "127.0.0.1", "--no-dashboard", "--name", name, *extra]
+        procs.append(_spawn(args, logs / f"{name}.log", env))
     try:
-        _wait_for_workers(address, 2)
+        _wait_for_workers(address, len(workers))
         yield address
     finally:
         for p in procs[::-1]:
             p.terminate()
         for p in procs:
             p.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def dask_cli_cluster(tmp_path_factory) -> Iterator[str]:
+    with cli_cluster(tmp_path_factory.mktemp("dask-logs"), {"w0": [], "w1": []}) as address:
+        yield address
 
 
 def test_run_with_scheduler_equals_local_cluster_run(dask_cli_cluster, client, data, tmp_path) -> None:

@@ -8,7 +8,6 @@ set to its own thread count.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -16,36 +15,16 @@ import pandas as pd
 import pytest
 
 from tests.helpers import labels_of, run, tiny_unet
-from tests.integration.test_cli_scheduler import _free_port, _spawn, _wait_for_workers
+from tests.integration.test_cli_scheduler import cli_cluster
 
 NAIP = ("landcover", "chesapeake_m_3907833_nw_17_1_naip-new.tif")
 
 
 @pytest.fixture(scope="module")
 def mixed_cluster(tmp_path_factory) -> Iterator[str]:
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    logs = tmp_path_factory.mktemp("dask-logs")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [
-        _spawn(
-            ["scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"], logs / "s.log", env
-        )
-    ]
-    time.sleep(1.0)
-    common = ["--nthreads", "1", "--memory-limit", "2GiB", "--host", "127.0.0.1", "--no-dashboard"]
-    procs.append(
-        _spawn(["worker", address, *common, "--name", "gpu0", "--resources", "GPU=1"], logs / "g.log", env)
-    )
-    procs.append(_spawn(["worker", address, *common, "--name", "cpu0"], logs / "c.log", env))
-    try:
-        _wait_for_workers(address, 2)
+    workers = {"gpu0": ["--resources", "GPU=1"], "cpu0": []}
+    with cli_cluster(tmp_path_factory.mktemp("dask-logs"), workers, memory_limit="2GiB") as address:
         yield address
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=30)
 
 
 def test_learned_segment_tasks_run_on_the_gpu_worker(mixed_cluster, data, tmp_path) -> None:
