@@ -152,10 +152,16 @@ class UNetSegmenter(Segmenter):
 
     def probabilities(self, block: np.ndarray, valid: np.ndarray, ctx: BlockContext | None) -> np.ndarray:
         """Class probabilities ``(classes, *block)`` (values in the halo are not meaningful)."""
+        return self._scores(block, valid, ctx, probs=True)
+
+    def _scores(
+        self, block: np.ndarray, valid: np.ndarray, ctx: BlockContext | None, *, probs: bool
+    ) -> np.ndarray:
+        """Per-class scores: probabilities, or (crop, ``probs=False``) logits, whose argmax is the same."""
         x = self.normalise(block, valid)
         origin = tuple(ctx.origin) if ctx is not None else (0,) * (x.ndim - 1)
         if self.params.stitch == "crop":
-            return self._crop(x, origin)
+            return self._crop(x, origin, probs=probs)
         return self._blend(x, origin)
 
     def run_extra(
@@ -174,7 +180,7 @@ class UNetSegmenter(Segmenter):
         return labels, extras
 
     def __call__(self, block: np.ndarray, valid: np.ndarray, ctx: BlockContext | None = None) -> np.ndarray:
-        return self._labels(self.probabilities(block, valid, ctx), valid)
+        return self._labels(self._scores(block, valid, ctx, probs=False), valid)
 
     def _labels(self, probs: np.ndarray, valid: np.ndarray) -> np.ndarray:
         labels = np.argmax(probs, axis=0).astype(np.uint8)
@@ -193,15 +199,16 @@ class UNetSegmenter(Segmenter):
             LOADS[key[0]] = LOADS.get(key[0], 0) + 1
         return net, device
 
-    def _forward(self, batch: list[np.ndarray]) -> np.ndarray:
-        """Class probabilities for a batch of windows of one shape."""
+    def _forward(self, batch: list[np.ndarray], *, probs: bool = True) -> np.ndarray:
+        """Class probabilities (or logits) for a batch of windows of one shape."""
         from pipeline.models.torch.adapters import softmax
 
         net, _ = self._network()
         logits = net(np.stack(batch), precision=self.params.precision)
-        return softmax(logits)
+        return softmax(logits) if probs else logits
 
-    def _crop(self, x: np.ndarray, origin: tuple[int, ...]) -> np.ndarray:
+    def _crop(self, x: np.ndarray, origin: tuple[int, ...], *, probs: bool = True) -> np.ndarray:
+
         from pipeline.models.torch.infer import batches, crop_windows
 
         front = [o % self.align for o in origin]  # pad so the block starts on the network's grid
@@ -214,9 +221,10 @@ class UNetSegmenter(Segmenter):
         combos = _product(axes)
         wins = [tuple(slice(w.start, w.stop) for w in c) for c in combos]
         for run in batches(wins, self.params.batch_size):
-            probs = self._forward([x[(slice(None), *wins[i])] for i in run])
-            for i, p in zip(run, probs, strict=True):
+            scores = self._forward([x[(slice(None), *wins[i])] for i in run], probs=probs)
+            for i, p in zip(run, scores, strict=True):
                 c = combos[i]
+
                 keep = tuple(slice(w.keep_lo - w.start, w.keep_hi - w.start) for w in c)
                 dest = tuple(slice(w.keep_lo, w.keep_hi) for w in c)
                 out[(slice(None), *dest)] = p[(slice(None), *keep)]
