@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pipeline.models.classical  # registers the classical segmenters
+import pipeline.models.torch.sam
 import pipeline.models.torch.segmenter  # noqa: F401  (registers unet; torch is imported lazily)
 from pipeline import __version__
 from pipeline.data.geometry import check_same_geometry
