@@ -9,10 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from pipeline.errors import ConfigError, ReadError
 from pipeline.runner.spec import apply_override
@@ -52,9 +52,35 @@ class LabelsSpec(_Strict):
 
 
 class ModelSpec(_Strict):
+    name: Literal["unet"] = "unet"
     depth: int = Field(3, ge=1, le=6)
     width: int = Field(16, ge=1)
     norm: Literal["batch", "none"] = "batch"
+
+
+class MaskRCNNSpec(_Strict):
+    """A slim Mask R-CNN trained on instance labels (``labels: {from: instances}``)."""
+
+    name: Literal["maskrcnn"]
+    widths: list[int] = Field(default_factory=lambda: [32, 64, 96], min_length=2)
+    fpn_channels: int = Field(64, ge=1)
+    representation: int = Field(128, ge=1)
+    mask_layers: int = Field(4, ge=1)
+    anchor_sizes: list[list[int]] | None = Field(None, description="per pyramid level; default 8..96 px")
+    min_object_area: int = Field(
+        8, ge=1, description="objects cut by the patch edge to fewer pixels are not targets"
+    )
+    context: int = Field(32, ge=0, description="pixels of context the segmenter keeps around objects")
+    score_threshold: float = Field(0.5, ge=0, le=1, description="validation: detections kept")
+    grad_clip: float = Field(10.0, gt=0)
+
+
+def _model_kind(value: Any) -> str:
+    name = value.get("name", "unet") if isinstance(value, dict) else getattr(value, "name", "unet")
+    return name if name in MODEL_KINDS else "unet"
+
+
+MODEL_KINDS: dict[str, type[BaseModel]] = {"unet": ModelSpec, "maskrcnn": MaskRCNNSpec}
 
 
 class NormaliseSpec(_Strict):
@@ -103,7 +129,10 @@ class TrainJob(_Strict):
     data: list[PairSpec] = Field(min_length=1)
     labels: LabelsSpec = Field(default_factory=LabelsSpec)  # type: ignore[arg-type]
     classes: dict[int, str]
-    model: ModelSpec = Field(default_factory=ModelSpec)  # type: ignore[arg-type]
+    model: Annotated[
+        Annotated[ModelSpec, Tag("unet")] | Annotated[MaskRCNNSpec, Tag("maskrcnn")],
+        Discriminator(_model_kind),
+    ] = Field(default_factory=ModelSpec)  # type: ignore[arg-type]
     patch_size: list[int] = Field(min_length=2, max_length=3)
     normalise: NormaliseSpec = Field(default_factory=NormaliseSpec)  # type: ignore[arg-type]
     split: SplitSpec = Field(default_factory=SplitSpec)  # type: ignore[arg-type]
@@ -114,12 +143,26 @@ class TrainJob(_Strict):
     threads: int = Field(1, ge=1, description="torch threads (fixed, for reproducible sums)")
     output: TrainOutputSpec = Field(default_factory=TrainOutputSpec)  # type: ignore[arg-type]
 
+    @property
+    def unet(self) -> ModelSpec:
+        """The U-Net settings (a job training another model has none)."""
+        if not isinstance(self.model, ModelSpec):
+            raise ConfigError(f"training job {self.name!r} trains a {self.model.name}, not a U-Net")
+        return self.model
+
     @model_validator(mode="after")
     def _classes_known(self) -> TrainJob:
         ids = set(self.classes)
         used = set(self.labels.map.values())
         if self.labels.default is not None:
             used.add(self.labels.default)
+        if isinstance(self.model, MaskRCNNSpec):
+            if self.labels.source != "instances" or sorted(ids) != [0, 1]:
+                raise ValueError(
+                    "model maskrcnn trains on instance labels: set labels: {from: instances} and "
+                    "classes: {0: background, 1: <object>}"
+                )
+            return self
         if self.labels.source == "instances":
             used |= {0, self.labels.interior, self.labels.boundary}
         for c in [*sorted(used), *(self.sampling.balance or [])]:
@@ -164,6 +207,8 @@ def _describe(err: Any) -> str:
 
 def _allowed(parent: list[str]) -> list[str]:
     model: Any = TrainJob
+    if parent[:1] == ["model"] and len(parent) >= 2 and parent[1] in MODEL_KINDS:
+        model, parent = MODEL_KINDS[parent[1]], parent[2:]
     for key in parent:
         if key.isdigit():
             continue
@@ -200,4 +245,6 @@ def resolve_train_paths(job: TrainJob, *, base: Path, source: str = "<job>") -> 
 def fingerprint(job: TrainJob, data_sha256: list[str]) -> str:
     """Identity of a training run: every setting that changes the weights, and the data's checksums."""
     body = job.model_dump(mode="json", exclude={"output", "description"}, by_alias=True)
+    if body["model"].get("name") == "unet":  # U-Net jobs fingerprint as before the name existed
+        del body["model"]["name"]
     return hashlib.sha256(json.dumps([body, data_sha256], sort_keys=True).encode()).hexdigest()

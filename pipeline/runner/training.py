@@ -32,7 +32,7 @@ from pipeline.models.torch.card import Architecture, Inputs, ModelCard, load_car
 from pipeline.models.torch.unet import UNet, receptive_extent, receptive_field
 from pipeline.models.torch.weights import load_weights
 from pipeline.runner.train_data import StagedPair, select_bands, stage_pairs
-from pipeline.runner.train_spec import TrainJob, fingerprint
+from pipeline.runner.train_spec import ModelSpec, TrainJob, fingerprint
 from pipeline.tiling import Box
 from pipeline.train.augment import Augment
 from pipeline.train.infer import predict_tiles
@@ -74,7 +74,7 @@ def _sha(path: Path) -> str:
 
 def splits_for(job: TrainJob, staged: list[StagedPair]) -> list[Split]:
     """The held-apart box and training slabs of every pair."""
-    gap = job.split.gap or halo_of(job.model.depth)
+    gap = job.split.gap or halo_of(job.unet.depth)
     out = []
     for pair, spec in zip(staged, job.data, strict=True):
         if spec.val_region is not None:
@@ -92,6 +92,10 @@ def splits_for(job: TrainJob, staged: list[StagedPair]) -> list[Split]:
 
 def train_job(job: TrainJob, *, command: str, restart: bool = False, progress: bool = True) -> TrainOutcome:
     """Run a training job end to end (resuming when its checkpoint exists)."""
+    if not isinstance(job.model, ModelSpec):  # a detector: its own loop, same staging and card rules
+        from pipeline.runner.train_detection import train_detector
+
+        return train_detector(job, command=command, restart=restart, progress=progress)
     ids = check_class_ids(job.classes)
     torch.set_num_threads(job.threads)
     work, model_dir = Path(job.output.dir or "."), Path(job.output.model_dir or job.output.dir or ".")
@@ -107,7 +111,7 @@ def train_job(job: TrainJob, *, command: str, restart: bool = False, progress: b
     mean, std = channel_stats(regions, job.normalise.clip)
     normalise = Normaliser(mean, std, job.normalise.clip)
     model = _network(job, in_channels=len(staged[0].bands), out_channels=len(ids))
-    evaluate = _evaluator(regions, normalise, ids, job.model.depth)
+    evaluate = _evaluator(regions, normalise, ids, job.unet.depth)
     with _progress(progress, job.name) as report:
         result = fit(
             model,
@@ -141,7 +145,7 @@ def check_channels(job: TrainJob) -> None:
 def _network(job: TrainJob, *, in_channels: int, out_channels: int) -> UNet:
     torch.manual_seed(job.seed)
     spatial = len(job.patch_size)
-    m = job.model
+    m = job.unet
     return UNet(spatial, in_channels, out_channels, depth=m.depth, width=m.width, norm=m.norm)
 
 
@@ -251,7 +255,7 @@ def _card(
     weights: Path,
     command: str,
 ) -> ModelCard:
-    depth = job.model.depth
+    depth = job.unet.depth
     names = {int(k): v for k, v in job.classes.items()}
     scores = dict(result.best_scores)
     scores["per_class"] = {names[int(c)]: v for c, v in scores.get("per_class", {}).items()}
@@ -295,8 +299,8 @@ def _card(
             in_channels=len(staged[0].bands),
             out_channels=len(names),
             depth=depth,
-            width=job.model.width,
-            norm=job.model.norm,
+            width=job.unet.width,
+            norm=job.unet.norm,
         ),
         classes=names,
         inputs=Inputs(
@@ -338,6 +342,10 @@ def _region_record(image: str, pair: StagedPair, split: Split) -> dict[str, Any]
 
 def evaluate_trained(job: TrainJob) -> dict[str, Any]:
     """Recompute the validation scores from the saved card and weights (the job's own evaluation)."""
+    if not isinstance(job.model, ModelSpec):
+        from pipeline.runner.train_detection import evaluate_detector
+
+        return evaluate_detector(job)
     card = load_card(Path(job.output.model_dir or job.output.dir or "."))
     torch.set_num_threads(int(card.training.get("threads", job.threads)))
     key = fingerprint(job, data_checksums(job))

@@ -37,6 +37,37 @@ class Architecture(BaseModel):
         return self.model_dump(exclude={"name"})
 
 
+class MaskRCNNArchitecture(BaseModel):
+    """A slim torchvision Mask R-CNN (see :mod:`pipeline.models.torch.maskrcnn`): never resizes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Literal["maskrcnn"]
+    spatial_dims: Literal[2] = 2
+    in_channels: int = Field(ge=1)
+    #: Classes including background (0).
+    num_classes: int = Field(ge=2)
+    #: Trunk channels at strides 4, 8, 16, ...; the feature pyramid's channels.
+    widths: list[int] = Field(default_factory=lambda: [32, 64, 96], min_length=2)
+    fpn_channels: int = Field(64, ge=1)
+    #: Box head: MLP ``fpn_channels * 7 * 7 -> representation -> representation``.
+    representation: int = Field(128, ge=1)
+    mask_layers: int = Field(4, ge=1)
+    #: Anchor sizes (pixels) per pyramid level (one more level than ``widths``: the pooled one).
+    anchor_sizes: list[list[int]] = Field(default_factory=lambda: [[8, 12], [16, 24], [32, 48], [64, 96]])
+    aspect_ratios: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0])
+    #: Boxes of this side map to the pyramid level of stride 16 (smaller ones to finer levels).
+    canonical_scale: int = Field(112, ge=1)
+    rpn_pre_nms_top_n: int = Field(1000, ge=1)
+    rpn_post_nms_top_n: int = Field(500, ge=1)
+    box_batch_size_per_image: int = Field(256, ge=1)
+    box_score_threshold: float = Field(0.05, ge=0, le=1)
+    box_nms_threshold: float = Field(0.5, gt=0, le=1)
+    detections_per_image: int = Field(300, ge=1)
+    #: Input sizes are padded to multiples of this (the coarsest pyramid stride).
+    size_divisible: int = Field(32, ge=1)
+
+
 class Inputs(BaseModel):
     """Which channels of the input feed the model, and how they are scaled."""
 
@@ -60,8 +91,18 @@ class Runtime(BaseModel):
     sha256: str = ""
     #: Input layout: a batch of channel-first windows, 2-D or 3-D.
     layout: Literal["NCHW", "NCDHW"]
-    #: What the network returns: per-class logits at the input's size.
-    output: Literal["semantic_logits"] = "semantic_logits"
+    #: What the network returns: ``semantic_logits`` (per-class logits at the input's size);
+    #: ``maskrcnn`` (per image: boxes (n, 4) x0,y0,x1,y1, labels (n,), scores (n,), masks (n, [1,] M, M)
+    #: over each box, or (n, [1,] H, W) at the window's size: see ``masks``); ``yolo_seg`` (YOLOv8-seg:
+    #: predictions (B, 4 + classes + nm, anchors) of cx,cy,w,h, class scores and mask coefficients,
+    #: and prototypes (B, nm, H/s, W/s)). See :mod:`pipeline.models.torch.decoders`.
+    output: Literal["semantic_logits", "maskrcnn", "yolo_seg"] = "semantic_logits"
+    #: Detectors: masks per box (``roi``, e.g. Mask R-CNN's 28x28) or at the window's size (``image``).
+    masks: Literal["roi", "image"] = "roi"
+    #: yolo_seg decoding: class-score threshold, class-aware NMS IoU, detections kept per image.
+    score_threshold: float = Field(default=0.25, ge=0, le=1)
+    nms_threshold: float = Field(default=0.45, gt=0, le=1)
+    max_detections: int = Field(default=300, ge=1)
     #: Spatial sizes the network accepts are multiples of this (2**depth for a U-Net); segpipe pads.
     align: int = Field(1, ge=1)
 
@@ -76,7 +117,7 @@ class ModelCard(BaseModel):
     name: str
     description: str = ""
     #: Our own U-Net (built from this and the safetensors weights); optional when ``runtime`` is set.
-    architecture: Architecture | None = None
+    architecture: Architecture | MaskRCNNArchitecture | None = None
     #: A TorchScript/ONNX file to run instead of building the network from ``architecture``.
     runtime: Runtime | None = None
     classes: dict[int, str]
@@ -109,19 +150,25 @@ class ModelCard(BaseModel):
 
     @property
     def spatial_dims(self) -> int:
+        if self.runtime is None and isinstance(self.architecture, MaskRCNNArchitecture):
+            return 2
         return self.runtime.spatial_dims if self.runtime else self.network.spatial_dims
 
     @property
     def network(self) -> Architecture:
         """The U-Net architecture (a card with a runtime file may have none)."""
-        if self.architecture is None:
-            kind = self.runtime.format if self.runtime else "model"
+        if not isinstance(self.architecture, Architecture):
+            kind: str = self.runtime.format if self.runtime else "model"
+            if isinstance(self.architecture, MaskRCNNArchitecture):
+                kind = "Mask R-CNN"
             raise ValueError(f"model card {self.name!r} describes a {kind} file, not a U-Net")
         return self.architecture
 
     @property
     def align(self) -> int:
         """Input sizes the network needs: multiples of this (segpipe pads windows)."""
+        if self.runtime is None and isinstance(self.architecture, MaskRCNNArchitecture):
+            return self.architecture.size_divisible
         return self.runtime.align if self.runtime else int(2**self.network.depth)
 
     @property

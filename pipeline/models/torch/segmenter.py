@@ -72,7 +72,7 @@ class UNetSegmenter(Segmenter):
                 f"model {self.params.model!r} is a {card.spatial_dims}-D network but the input is a "
                 f"{info.kind} ({info.spatial_ndim}-D); use a {info.spatial_ndim}-D model"
             )
-        outputs = card.architecture.out_channels if card.architecture else card.n_classes
+        outputs = card.network.out_channels if card.architecture else card.n_classes
         if sorted(card.classes) != list(range(outputs)):
             raise ConfigError(
                 f"model card {card.folder}: classes {sorted(card.classes)} must be 0.."
@@ -323,3 +323,7 @@ class UNetInstances(UNetSegmenter):
         seeds = morphology.remove_small_objects(seeds, self.params.min_seed_size)
         labels = segmentation.watershed(-probs[self.interior], seeds, mask=mask)
         return labels.astype(np.uint32)
+
+
+# Segmenters defined in their own modules register with this one (torch is still imported lazily).
+import pipeline.models.torch.maskrcnn_segmenter  # noqa: E402,F401  (registers maskrcnn)
