@@ -260,7 +260,7 @@ def predict_instances(
         with torch.inference_mode():
             found = detect(model, x)[0]  # type: ignore[arg-type]
         shape = (int(image.shape[-2]), int(image.shape[-1]))
-        return paste(to_detections(found, shape), shape, mask_threshold, score_threshold)
+        return paste(to_detections(found, shape), shape, mask_threshold, score_threshold, min_visible=0.5)
     finally:
         model.train(was_training)
 

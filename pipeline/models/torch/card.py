@@ -60,6 +60,10 @@ class MaskRCNNArchitecture(BaseModel):
     canonical_scale: int = Field(112, ge=1)
     rpn_pre_nms_top_n: int = Field(1000, ge=1)
     rpn_post_nms_top_n: int = Field(500, ge=1)
+    #: Inference: proposals kept per pyramid level before NMS, and in all after it. Large, so a
+    #: big window with many objects keeps proposals for each (results depend little on its size).
+    rpn_pre_nms_top_n_test: int = Field(8000, ge=1)
+    rpn_post_nms_top_n_test: int = Field(3000, ge=1)
     box_batch_size_per_image: int = Field(256, ge=1)
     box_score_threshold: float = Field(0.05, ge=0, le=1)
     box_nms_threshold: float = Field(0.5, gt=0, le=1)

@@ -158,12 +158,14 @@ def paste(
     shape: tuple[int, int],
     mask_threshold: float = 0.5,
     score_threshold: float = 0.0,
+    min_visible: float = 0.0,
 ) -> np.ndarray:
     """A ``uint32`` label image of ``shape``: objects 1..n in order of decreasing score.
 
     Each detection scoring at least ``score_threshold`` claims the pixels of its mask at or
     above ``mask_threshold`` that no higher-scoring detection claimed; a detection left with no
-    pixel gets no id. Only box-sized arrays are touched per object.
+    pixel, or with less than ``min_visible`` of its mask (a duplicate of higher-scoring ones), gets
+    no id. Only box-sized arrays are touched per object.
     """
     labels = np.zeros(shape, np.uint32)
     order = np.argsort(-np.asarray(detections.scores, np.float64), kind="stable")
@@ -178,8 +180,10 @@ def paste(
             continue
         region = labels[a0:a1, b0:b1]
         mask = detections.masks[i][a0 - y0 : a1 - y0, b0 - x0 : b1 - x0] >= mask_threshold
+        area = int(np.count_nonzero(mask))
         mask &= region == 0
-        if mask.any():
+        left = int(np.count_nonzero(mask))
+        if left and left >= min_visible * area:
             region[mask] = next_id
             next_id += 1
     return labels

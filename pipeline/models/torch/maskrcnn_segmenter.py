@@ -41,6 +41,9 @@ class MaskRCNNParams(SegmenterParams):
     )
     batch_size: int = Field(2, ge=1, description="windows per forward pass")
     edge_margin: float = Field(1.0, ge=0, description="a box this close to a cutting edge is dropped")
+    min_visible: float = Field(
+        0.5, ge=0, le=1, description="an object left with less of its mask by higher scores is dropped"
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("fp32", description="CUDA autocast dtype")
 
@@ -193,6 +196,12 @@ class MaskRCNNSegmenter(Segmenter):
 
     def __call__(self, block: np.ndarray, valid: np.ndarray, ctx: BlockContext | None = None) -> np.ndarray:
         det = self.detections(block, valid, ctx)
-        labels = paste(det, block.shape[1:], self.params.mask_threshold, self.params.score_threshold)
+        labels = paste(
+            det,
+            block.shape[1:],
+            self.params.mask_threshold,
+            self.params.score_threshold,
+            self.params.min_visible,
+        )
         labels[~valid] = 0
         return labels
