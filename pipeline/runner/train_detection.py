@@ -33,7 +33,7 @@ from pipeline.runner.training import (
 )
 from pipeline.tiling import Box
 from pipeline.train.augment import Augment
-from pipeline.train.detection import DetectionOptions, InstanceRegion, fit_detector, validation_scores
+from pipeline.runner.detection_fit import DetectionOptions, InstanceRegion, fit_detector, validation_scores
 from pipeline.train.patches import Normaliser, chunk_boxes
 from pipeline.train.split import Split, split_region, strip_region
 

@@ -249,3 +249,36 @@ def test_maskrcnn_export_reproduces_the_native_model(data, tmp_path, fmt) -> Non
         assert len(a) >= 10
         assert (a.boxes[:, 2] <= 150).all() and (a.boxes[:, 3] <= 120).all()
         print(f"maskrcnn {fmt}: {len(a)} detections, max abs diff {assert_same(a, b):.2e}")
+
+
+def test_maskrcnn_segmenter_runs_an_exported_card_like_the_native_one(torch_client, data, tmp_path) -> None:
+    """The engine's maskrcnn segmenter with the TorchScript export gives the native card's labels."""
+    from pipeline.runner.cli import main
+    from tests.helpers import labels_of, run
+
+    (tmp_path / "native").mkdir()
+    _random_maskrcnn(tmp_path / "native")
+    assert (
+        main(["export", str(tmp_path / "native"), "--format", "torchscript", "--out", str(tmp_path / "ts")])
+        == 0
+    )
+    img = tifffile.imread(data.joinpath(*FIELD))[150:342, 200:456]
+    src = tmp_path / "crop.tif"
+    tifffile.imwrite(src, img)
+    labels = []
+    for name in ("native", "ts"):
+        params = {"model": str(tmp_path / name), "max_object_size": 24, "context": 16}
+        res = run(
+            torch_client,
+            src,
+            tmp_path / f"out_{name}",
+            "maskrcnn",
+            params,
+            chunk=[96, 128],
+            input={"path": str(src), "allow_missing_crs": True},
+        )
+        labels.append(labels_of(res))
+    a, b = labels
+    print("objects", len(np.unique(a)) - 1, "differing pixels", float((a != b).mean()))
+    assert len(np.unique(a)) > 5
+    assert np.array_equal(a, b)

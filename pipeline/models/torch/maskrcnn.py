@@ -159,6 +159,7 @@ def detect(model: MaskRCNN, images: torch.Tensor) -> list[dict[str, torch.Tensor
     Call under ``torch.inference_mode()`` with the model in eval mode.
     """
     h, w = images.shape[-2:]
+    _scale_caps(model, int(h) * int(w))
     div = model.transform.size_divisible
     ph, pw = -(-h // div) * div, -(-w // div) * div
     padded = nn.functional.pad(images, (0, pw - w, 0, ph - h)) if (ph, pw) != (h, w) else images
@@ -169,6 +170,29 @@ def detect(model: MaskRCNN, images: torch.Tensor) -> list[dict[str, torch.Tensor
     for d in found:
         d["masks"] = d["masks"][:, 0]
     return found
+
+
+#: Window area (px) the card's test-time caps (RPN proposals, detections per image) are meant for:
+#: about one BBBC039 field. Larger windows get proportionally larger caps, so a big block does not
+#: silently lose objects past the cap.
+CAPS_AREA = 512 * 704
+
+
+def _scale_caps(model: MaskRCNN, area: int) -> None:
+    """Set the RPN and detection caps for a window of ``area`` pixels (the card's at most CAPS_AREA)."""
+    base = getattr(model, "_segpipe_caps", None)
+    if base is None:
+        base = (
+            model.rpn._pre_nms_top_n["testing"],
+            model.rpn._post_nms_top_n["testing"],
+            model.roi_heads.detections_per_img,
+        )
+        model._segpipe_caps = base  # type: ignore[assignment]
+    factor = max(1.0, area / CAPS_AREA)
+    pre, post, dets = (round(v * factor) for v in base)
+    model.rpn._pre_nms_top_n["testing"] = pre
+    model.rpn._post_nms_top_n["testing"] = post
+    model.roi_heads.detections_per_img = dets
 
 
 def to_detections(found: dict[str, torch.Tensor], shape: tuple[int, int]) -> Detections:

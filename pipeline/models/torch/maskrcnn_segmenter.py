@@ -66,7 +66,8 @@ class MaskRCNNSegmenter(Segmenter):
         super().__init__(params, info)
         self.card: ModelCard = load_card(self.params.model)
         card = self.card
-        if not isinstance(card.architecture, MaskRCNNArchitecture) or card.runtime is not None:
+        detector_file = card.runtime is not None and card.runtime.output in ("maskrcnn", "yolo_seg")
+        if not detector_file and (not isinstance(card.architecture, MaskRCNNArchitecture) or card.runtime):
             raise ConfigError(
                 f"model {self.params.model!r} ({card.folder}) is not a Mask R-CNN card "
                 "(architecture.name: maskrcnn); use segmenter unet or unet_instances for U-Nets"
@@ -76,10 +77,11 @@ class MaskRCNNSegmenter(Segmenter):
         self.bands = [
             resolve_band(b, info, where=f"model card inputs.bands ({card.folder})") for b in card.inputs.bands
         ]
-        if len(self.bands) != card.architecture.in_channels:
+        arch = card.architecture
+        if isinstance(arch, MaskRCNNArchitecture) and len(self.bands) != arch.in_channels:
             raise ConfigError(
                 f"model card {card.folder}: {len(self.bands)} input bands for a network of "
-                f"{card.architecture.in_channels} channels"
+                f"{arch.in_channels} channels"
             )
         w = self.params.window
         if w is not None and w < 2 * self.reach + 1:
@@ -113,7 +115,8 @@ class MaskRCNNSegmenter(Segmenter):
     @property
     def identity(self) -> dict[str, str]:
         """The model's name and weights checksum, for the job fingerprint."""
-        return {"name": self.card.name, "weights_sha256": self.card.weights_sha256}
+        sha = self.card.runtime.sha256 if self.card.runtime else self.card.weights_sha256
+        return {"name": self.card.name, "weights_sha256": sha}
 
     # -- inference ------------------------------------------------------------------------
     def normalise(self, block: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -172,27 +175,19 @@ class MaskRCNNSegmenter(Segmenter):
 
     def _network(self) -> tuple[Any, str]:
         device = runtime.device_for(self.params.device)
-        key = (str(self.card.weights_path.resolve()), self.card.weights_sha256, device)
+        key = (str(self.card.weights_path.resolve()), self.identity["weights_sha256"], device)
         net = _NETWORKS.get(key)
         if net is None:
-            from pipeline.models.torch.maskrcnn import load_maskrcnn
+            from pipeline.models.torch.adapters import load_detector
 
-            net = load_maskrcnn(self.card, device)
+            net = load_detector(self.card, device)
             _NETWORKS[key] = net
             LOADS[key[0]] = LOADS.get(key[0], 0) + 1
         return net, device
 
     def _forward(self, batch: np.ndarray) -> list[Detections]:
-        import torch
-
-        from pipeline.models.torch.maskrcnn import detect, to_detections
-
-        net, device = self._network()
-        shape = (int(batch.shape[2]), int(batch.shape[3]))
-        x = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
-        with torch.inference_mode(), runtime.autocast(device, self.params.precision):
-            found = detect(net, x)
-        return [to_detections(f, shape) for f in found]
+        net, _ = self._network()
+        return net(batch, precision=self.params.precision)  # type: ignore[no-any-return]
 
     def __call__(self, block: np.ndarray, valid: np.ndarray, ctx: BlockContext | None = None) -> np.ndarray:
         det = self.detections(block, valid, ctx)
