@@ -86,7 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     segs.set_defaults(func=_cmd_segmenters)
     _eval_parser(sub)
     _train_parser(sub)
-    exp = sub.add_parser("export", help="export a U-Net model card to TorchScript or ONNX (a new card)")
+    exp = sub.add_parser(
+        "export", help="export a U-Net or Mask R-CNN model card to TorchScript or ONNX (a new card)"
+    )
     exp.add_argument("model", help="shipped model name, card YAML or folder")
     exp.add_argument("--format", choices=["torchscript", "onnx"], required=True)
     exp.add_argument("--out", required=True, help="folder for the model file and its card.yaml")
@@ -164,10 +166,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     r = outcome.result
     if r.resumed_from:
         print(f"{job.name}: resumed from epoch {r.resumed_from} ({outcome.card.parent})")
-    print(
-        f"{job.name}: {r.epochs_run} epochs (best {r.best_epoch}, mean Dice "
-        f"{r.best_scores.get('mean_dice')}) -> {outcome.card}"
+    score = (
+        f"mean Dice {r.best_scores['mean_dice']}"
+        if "mean_dice" in r.best_scores
+        else ", ".join(f"{k} {v}" for k, v in r.best_scores.items() if isinstance(v, (int, float)))
     )
+    print(f"{job.name}: {r.epochs_run} epochs (best {r.best_epoch}, {score}) -> {outcome.card}")
+
     return 0
 
 
