@@ -21,19 +21,19 @@ import torch
 from pipeline.io import zarr_store
 from pipeline.io.sources import open_source
 from pipeline.models.torch.card import Inputs, MaskRCNNArchitecture, ModelCard, load_card, sha256_of
+from pipeline.runner.detection_fit import DetectionOptions, InstanceRegion, fit_detector, validation_scores
 from pipeline.runner.train_data import StagedPair, _label_values, _reader, select_bands
 from pipeline.runner.train_spec import MaskRCNNSpec, TrainJob, fingerprint
 from pipeline.runner.training import (
     TrainOutcome,
     _progress,
     _region_record,
-    _shown,
     check_channels,
     data_checksums,
+    data_records,
 )
 from pipeline.tiling import Box
 from pipeline.train.augment import Augment
-from pipeline.runner.detection_fit import DetectionOptions, InstanceRegion, fit_detector, validation_scores
 from pipeline.train.patches import Normaliser, chunk_boxes
 from pipeline.train.split import Split, split_region, strip_region
 
@@ -257,16 +257,7 @@ def _card(
         ],
     }
     training = {
-        "data": [
-            {
-                "image": _shown(pair.image),
-                "image_sha256": checksums[2 * i],
-                "labels": _shown(pair.labels),
-                "labels_sha256": checksums[2 * i + 1],
-                "train_boxes": [[list(b.start), list(b.stop)] for b in splits[i].train],
-            }
-            for i, pair in enumerate(job.data)
-        ],
+        "data": data_records(job, checksums, splits),
         "labels": job.labels.model_dump(mode="json", by_alias=True),
         "targets": f"every instance id with >= {m.min_object_area} pixels in the patch (objects cut by "
         "the patch edge kept as their visible part)",

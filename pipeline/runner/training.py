@@ -268,16 +268,7 @@ def _card(
         ],
     }
     training = {
-        "data": [
-            {
-                "image": _shown(pair.image),
-                "image_sha256": checksums[2 * i],
-                "labels": _shown(pair.labels),
-                "labels_sha256": checksums[2 * i + 1],
-                "train_boxes": [[list(b.start), list(b.stop)] for b in splits[i].train],
-            }
-            for i, pair in enumerate(job.data)
-        ],
+        "data": data_records(job, checksums, splits),
         "labels": job.labels.model_dump(mode="json", by_alias=True),
         "seed": job.seed,
         "threads": job.threads,
@@ -323,6 +314,20 @@ def _instances(job: TrainJob) -> dict[str, Any] | None:
     if job.labels.source != "instances":
         return None
     return {"from": "boundary", "interior_class": job.labels.interior, "boundary_class": job.labels.boundary}
+
+
+def data_records(job: TrainJob, checksums: list[str], splits: list[Split]) -> list[dict[str, Any]]:
+    """The card's record of each image/label pair: paths, SHA-256s and the training boxes."""
+    return [
+        {
+            "image": _shown(pair.image),
+            "image_sha256": checksums[2 * i],
+            "labels": _shown(pair.labels),
+            "labels_sha256": checksums[2 * i + 1],
+            "train_boxes": [[list(b.start), list(b.stop)] for b in splits[i].train],
+        }
+        for i, pair in enumerate(job.data)
+    ]
 
 
 def _shown(path: str) -> str:
