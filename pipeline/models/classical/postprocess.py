@@ -16,6 +16,7 @@ result equals the whole-image result:
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
@@ -71,8 +72,7 @@ def apply_step(classes: np.ndarray, step: Opening | SizeFilter, cut: Cut | None 
     mask = classes == step.class_id
     if isinstance(step, Opening):
         fp = morphology.disk(step.radius) if mask.ndim == 2 else morphology.ball(step.radius)
-        fn = morphology.binary_opening if step.op == "opening" else morphology.binary_closing
-        new = fn(mask, footprint=fp)
+        new = _open_close(mask, fp, step.op)
     elif step.op == "remove_small":
         new = mask & ~_small_regions(mask, step, cut)
     else:
@@ -81,6 +81,14 @@ def apply_step(classes: np.ndarray, step: Opening | SizeFilter, cut: Cut | None 
     out[mask & ~new] = 0
     out[new & ~mask & (classes == 0)] = step.class_id
     return out
+
+
+def _open_close(mask: np.ndarray, fp: np.ndarray, op: str) -> np.ndarray:
+    """Binary opening or closing as skimage's ``binary_opening``/``binary_closing`` (deprecated
+    in 0.26) compute it: erosion counts pixels outside the block as set, dilation as unset."""
+    erode = partial(ndimage.binary_erosion, structure=fp, border_value=True)
+    dilate = partial(ndimage.binary_dilation, structure=fp, border_value=False)
+    return dilate(erode(mask)) if op == "opening" else erode(dilate(mask))
 
 
 def _small_regions(mask: np.ndarray, step: SizeFilter, cut: Cut | None) -> np.ndarray:
