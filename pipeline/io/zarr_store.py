@@ -33,6 +33,16 @@ from pipeline.tiling import Box
 GEOMETRY_ATTR = "segpipe_geometry"
 
 
+#: Chunk compressors of the staging arrays by name. The staged input defaults to ``none``
+#: (``tiling.staging_codec``): a chunk read with its halo decodes its neighbours' chunks whole,
+#: and on the 1024 px chunks of ``benchmarks/bench_scaling.py`` zstd cost ~25 % of the job's time.
+CODECS: dict[str, list[BloscCodec] | None] = {
+    "zstd": [BloscCodec(cname="zstd", clevel=3)],
+    "lz4": [BloscCodec(cname="lz4", clevel=5)],
+    "none": None,
+}
+
+
 def create_array(
     path: Path,
     *,
@@ -42,15 +52,17 @@ def create_array(
     geometry: Geometry,
     fill_value: float | int = 0,
     attrs: dict[str, Any] | None = None,
+    codec: str = "zstd",
 ) -> None:
-    """Create (or replace) a chunked zarr v3 array at ``path`` holding its geometry."""
+    """Create (or replace) a chunked zarr v3 array at ``path`` holding its geometry, its chunks
+    compressed with ``codec`` (:data:`CODECS`)."""
     arr = zarr.create_array(
         store=str(path),
         shape=shape,
         chunks=chunks,
         dtype=dtype,
         fill_value=fill_value,
-        compressors=[BloscCodec(cname="zstd", clevel=3)],
+        compressors=CODECS[codec],
         overwrite=True,
     )
     arr.attrs.update({GEOMETRY_ATTR: geometry.to_json(), **(attrs or {})})

@@ -55,6 +55,11 @@ class TilingSpec(_Strict):
     chunk: list[int] = Field(default_factory=lambda: [512, 512])
     halo: int | None = Field(None, ge=0, description="override; must be >= the segmenter's halo")
     edge_mode: EdgeMode = "clip"
+    staging_codec: Literal["none", "lz4", "zstd"] = Field(
+        "none",
+        description="compression of the staged copy of the input: none (fastest; a chunk read "
+        "with its halo decodes every neighbouring chunk whole), lz4, or zstd (smallest on disk)",
+    )
 
 
 class OutputSpec(_Strict):
