@@ -17,7 +17,7 @@ import time
 import traceback
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,6 +131,7 @@ def create_stores(plan: Plan) -> None:
         chunks=(plan.source.shape[0], *chunks),
         dtype=plan.source.dtype,
         geometry=plan.source.geometry,
+        codec=plan.spec.tiling.staging_codec,
     )
     if plan.segmenter.kind != "semantic":
         local_dtype = "uint64" if plan.segmenter.merge == "none" else "uint32"
@@ -190,8 +191,15 @@ def execute(plan: Plan, client: Client, *, restart: bool = False) -> RunResult:
                 plan,
                 client,
                 fitted,
-                lambda futs, stage: _wait_all(
-                    plan, futs, stage, result.failures if stage == "label" else None
+                lambda stage, items, submit, collect=False: run_each(
+                    plan,
+                    client,
+                    stage,
+                    items,
+                    submit,
+                    result.failures if stage == "label" else None,
+                    collect=collect,
+                    stats=scheduling.setdefault(stage, {}),
                 ),
                 _token(),
             ),
@@ -473,24 +481,61 @@ def _token() -> str:
     return uuid.uuid4().hex[:8]
 
 
-def _wait_all(
-    plan: Plan, futures: dict[Future, str], stage: str, quarantine: dict[str, dict[str, str]] | None = None
-) -> None:
-    """Wait for every future; failed chunks go to ``quarantine``, or raise when there is none."""
+def run_each(
+    plan: Plan,
+    client: Client,
+    stage: str,
+    items: Sequence[Any],
+    submit: Callable[[Any], Future],
+    quarantine: dict[str, dict[str, str]] | None = None,
+    *,
+    collect: bool = False,
+    stats: dict[str, Any] | None = None,
+) -> list[Any]:
+    """One task per item (a :class:`ChunkSpec`, named by its ``chunk_id``), at most
+    ``IN_FLIGHT_PER_THREAD`` per worker thread submitted at a time, the next one as each finishes,
+    so the scheduler and the client hold O(workers) futures whatever the number of chunks (the
+    instance stages, whose tasks carry per-chunk inputs). Failed chunks go to ``quarantine``, or
+    raise when there is none. With ``collect``, the results of the tasks that succeeded, in
+    completion order; otherwise they are dropped as they arrive. ``stats`` receives the
+    scheduling figures, as :func:`run_waves` returns them."""
+    window = max(2, IN_FLIGHT_PER_THREAD * _n_threads(client))
+    stats = {} if stats is None else stats
+    stats.update(chunks=len(items), tasks=0, window=window, in_flight_max=0, chunks_per_task_max=1)
+    pending = iter(items)
+    live: dict[Future, str] = {}
+    futures = as_completed()
     failures: dict[str, dict[str, str]] = {}
-    with _progress(stage, len(futures)) as (progress, task):
-        for fut in as_completed(list(futures)):
+    results: list[Any] = []
+
+    def top_up() -> None:
+        while len(live) < window and (item := next(pending, None)) is not None:
+            fut = submit(item)
+            live[fut] = item.chunk_id
+            futures.add(fut)
+            stats["tasks"] += 1
+        stats["in_flight_max"] = max(stats["in_flight_max"], len(live))
+
+    with _progress(stage, len(items)) as (progress, task):
+        top_up()
+        for fut in futures:
+            chunk_id = live.pop(fut)
             if fut.status == "error":
-                failures[futures[fut]] = {
+                failures[chunk_id] = {
                     "stage": stage,
                     "error": repr(fut.exception()),
                     "traceback": "".join(traceback.format_tb(fut.traceback())),
                 }
+            elif collect:
+                results.append(fut.result())
+            del fut
             progress.advance(task)
+            top_up()
     if quarantine is not None:
         quarantine.update(failures)
     elif failures:
         raise_failures(plan, failures)
+    return results
 
 
 def raise_failures(plan: Plan, failures: dict[str, dict[str, str]]) -> None:

@@ -173,3 +173,42 @@ def test_chunk_failing_inside_a_batch_is_quarantined_alone(raster, tmp_path, mon
     labels = _labels(out)
     assert (labels[3 * CHUNK : 4 * CHUNK, 4 * CHUNK : 5 * CHUNK] == 255).all()  # left at nodata
     assert (labels[:CHUNK, :CHUNK] != 255).all()
+
+
+def test_instance_stages_run_in_bounded_waves(client, tmp_path) -> None:
+    """label, seams and relabel submit one task per chunk but keep at most the window in flight:
+    256 chunks never put more than a few dozen tasks on the scheduler, and the ids still match
+    scipy's labelling of the whole mask."""
+    from scipy import ndimage
+
+    from pipeline.data import GeoRef
+    from pipeline.io.zarr_store import create_array, write_box
+    from pipeline.tiling import Box
+
+    rng = np.random.default_rng(3)
+    mask = ndimage.binary_opening(rng.random((256, 256)) < 0.55).astype(np.uint8)
+    src = tmp_path / "mask.zarr"
+    create_array(
+        src,
+        shape=mask.shape,
+        chunks=mask.shape,
+        dtype="uint8",
+        geometry=GeoRef("EPSG:32633", (1, 0, 0, 0, -1, 0)),
+    )
+    write_box(src, Box.from_shape(mask.shape), mask)
+    params = {"semantic": {"name": "threshold", "params": {"value": 0}}, "connectivity": 1}
+    with TaskCounter(client) as counter:
+        result = run(client, src, tmp_path / "out", "components", params, chunk=[16, 16], formats=["zarr"])
+    window = execute.IN_FLIGHT_PER_THREAD * 2  # 2 workers x 1 thread
+    for stage in ("label", "seams", "relabel"):
+        waves = result.diagnostics["scheduling"][stage]
+        assert waves["chunks"] == waves["tasks"] == 256 and waves["window"] == window
+        assert waves["in_flight_max"] == window
+
+    assert counter.most < 50, counter.most  # one future per chunk would hold 256+
+    reference, n = ndimage.label(mask)
+    tiled = _labels(tmp_path / "out")
+    assert result.instances["objects"] == n
+    assert np.array_equal(tiled != 0, reference != 0)
+    pairs = np.unique(np.stack([tiled.ravel(), reference.ravel()], axis=1), axis=0)
+    assert len(np.unique(pairs[:, 0])) == len(pairs) == len(np.unique(pairs[:, 1]))
