@@ -15,7 +15,6 @@ model, optimizer, step, best weights and history, so a rerun resumes where it st
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +24,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.errors import OutputConflictError
 from pipeline.metrics.instances import Matching, match_instances
 from pipeline.tiling import Box
 from pipeline.train.augment import Augment, augment
-from pipeline.train.checkpoint import load_checkpoint, save_checkpoint
-from pipeline.train.loop import FitResult
-from pipeline.train.loss import Schedule, learning_rate
+from pipeline.train.loop import FitResult, optimiser_step, run_epochs
+from pipeline.train.loss import Schedule
 from pipeline.train.patches import Normaliser
 from pipeline.train.split import Split, origin_range
 
@@ -115,58 +112,26 @@ def fit_detector(
     fingerprint: str,
     report: Report | None = None,
 ) -> FitResult:
-    """Train ``model`` (torchvision Mask R-CNN) and keep the epoch of best held-apart F1@0.5."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
-    state = _resume(checkpoint, fingerprint, model, optimizer)
-    start = int(state["epoch"])
-    emit = report or (lambda _event, _info: None)
-    emit("start", {"epoch": start, "epochs": options.epochs, "steps": options.steps_per_epoch})
-    for epoch in range(start, options.epochs):
-        if state["stopped"]:
-            break
-        loss = _epoch(model, optimizer, regions, normalise, options, epoch, state, emit)
-        scores = validation_scores(model, regions, normalise, score_threshold=options.score_threshold)
-        _after_epoch(model, optimizer, options, epoch, loss, scores, state)
-        save_checkpoint(checkpoint, state)
-        emit("epoch", state["history"][-1])
-    best = state["best"]
-    return FitResult(
-        best_state=best["model"] or _state(model),
-        best_scores=best["scores"],
-        best_epoch=int(best["epoch"]),
-        epochs_run=int(state["epoch"]),
-        stopped_early=bool(state["stopped"]),
-        history=list(state["history"]),
-        resumed_from=start,
+    """Train ``model`` (torchvision Mask R-CNN) and keep the epoch of best held-apart F1@0.5
+    (:func:`pipeline.train.loop.run_epochs`: resumable, checkpointed, early stopping)."""
+
+    def one_epoch(optimizer: torch.optim.Optimizer, epoch: int, state: dict[str, Any], emit: Report) -> float:
+        return _epoch(model, optimizer, regions, normalise, options, epoch, state, emit)
+
+    def summarise(scores: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+        f1 = float(scores["f1"])
+        return f1, {"f1": f1, "precision": scores["precision"], "recall": scores["recall"]}
+
+    return run_epochs(
+        model,
+        options,
+        one_epoch=one_epoch,
+        evaluate=lambda m: validation_scores(m, regions, normalise, score_threshold=options.score_threshold),
+        summarise=summarise,
+        checkpoint=checkpoint,
+        fingerprint=fingerprint,
+        report=report,
     )
-
-
-def _state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _resume(
-    path: Path, fingerprint: str, model: nn.Module, optimizer: torch.optim.Optimizer
-) -> dict[str, Any]:
-    saved = load_checkpoint(path)
-    if saved is None:
-        return {
-            "fingerprint": fingerprint,
-            "epoch": 0,
-            "step": 0,
-            "bad_epochs": 0,
-            "stopped": False,
-            "history": [],
-            "best": {"score": -1.0, "epoch": 0, "model": {}, "scores": {}},
-        }
-    if saved["fingerprint"] != fingerprint:
-        raise OutputConflictError(
-            f"{path}: this checkpoint was written by a different training job (data, model or "
-            "training settings changed). Rerun with --restart to discard it, or give another output.dir"
-        )
-    model.load_state_dict(saved.pop("model"))
-    optimizer.load_state_dict(saved.pop("optimizer"))
-    return saved
 
 
 def _epoch(
@@ -194,51 +159,18 @@ def _epoch(
             x, ids = augment(rng, x, ids, options.augment)
             images.append(torch.from_numpy(x))
             targets.append(targets_of(ids, options.min_area))
-        lr = learning_rate(state["step"], total, lr=options.lr, schedule=options.schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
-        parts = model(images, targets)
-        loss = sum(parts.values())
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
-        optimizer.step()
-        state["step"] += 1
-        losses.append(float(loss.detach()))
-        emit("step", {"epoch": epoch, "step": b + 1, "loss": losses[-1], "lr": lr})
+        loss, lr = optimiser_step(
+            optimizer,
+            lambda images=images, targets=targets: sum(model(images, targets).values()),
+            state,
+            total,
+            options,
+            before_step=lambda: nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip),
+        )
+        losses.append(loss)
+        emit("step", {"epoch": epoch, "step": b + 1, "loss": loss, "lr": lr})
+
     return float(np.mean(losses))
-
-
-def _after_epoch(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    options: DetectionOptions,
-    epoch: int,
-    loss: float,
-    scores: dict[str, Any],
-    state: dict[str, Any],
-) -> None:
-    score = float(scores["f1"])
-    state["history"].append(
-        {
-            "epoch": epoch + 1,
-            "loss": loss,
-            "lr": float(optimizer.param_groups[0]["lr"]),
-            "f1": score,
-            "precision": scores["precision"],
-            "recall": scores["recall"],
-        }
-    )
-    best = state["best"]
-    if score > best["score"] + options.min_delta or not best["model"]:
-        state["best"] = {"score": score, "epoch": epoch + 1, "model": _state(model), "scores": scores}
-        state["bad_epochs"] = 0
-    else:
-        state["bad_epochs"] += 1
-    state["epoch"] = epoch + 1
-    state["stopped"] = options.patience is not None and state["bad_epochs"] >= options.patience
-    state["model"] = _state(model)
-    state["optimizer"] = copy.deepcopy(optimizer.state_dict())
 
 
 def predict_instances(

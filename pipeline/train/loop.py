@@ -14,7 +14,7 @@ import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -71,6 +71,65 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+class EpochOptions(Protocol):
+    """What :func:`run_epochs` reads of a trainer's options."""
+
+    epochs: int
+    lr: float
+    weight_decay: float
+    patience: int | None
+    min_delta: float
+
+    @property
+    def steps_per_epoch(self) -> int: ...
+
+
+#: One training epoch: ``(optimizer, epoch, state, emit)`` -> mean loss (``state["step"]`` advanced).
+EpochFn = Callable[[torch.optim.Optimizer, int, dict[str, Any], Report], float]
+#: Validation scores -> (the score early stopping maximises, the history row's score columns).
+Summarise = Callable[[dict[str, Any]], tuple[float, dict[str, Any]]]
+
+
+def run_epochs(
+    model: nn.Module,
+    options: EpochOptions,
+    *,
+    one_epoch: EpochFn,
+    evaluate: Evaluate,
+    summarise: Summarise,
+    checkpoint: Path,
+    fingerprint: str,
+    report: Report | None = None,
+) -> FitResult:
+    """The resumable epoch loop of every trainer (the U-Net's :func:`fit`, the Mask R-CNN's
+    ``fit_detector``): AdamW, ``one_epoch`` then ``evaluate`` per epoch, the best epoch by
+    ``summarise``'s score (with ``min_delta`` and ``patience``), a checkpoint after every epoch."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
+    state = _resume(checkpoint, fingerprint, model, optimizer)
+    start = int(state["epoch"])
+    emit = report or (lambda _event, _info: None)
+    emit("start", {"epoch": start, "epochs": options.epochs, "steps": options.steps_per_epoch})
+    for epoch in range(start, options.epochs):
+        if state["stopped"]:
+            break
+        loss = one_epoch(optimizer, epoch, state, emit)
+        scores = evaluate(model)
+        score, columns = summarise(scores)
+        _after_epoch(model, optimizer, options, epoch, loss, (score, columns, scores), state)
+        save_checkpoint(checkpoint, state)
+        emit("epoch", state["history"][-1])
+    best = state["best"]
+    return FitResult(
+        best_state=best["model"] if best["model"] else _state(model),
+        best_scores=best["scores"],
+        best_epoch=int(best["epoch"]),
+        epochs_run=int(state["epoch"]),
+        stopped_early=bool(state["stopped"]),
+        history=list(state["history"]),
+        resumed_from=start,
+    )
+
+
 def fit(
     model: nn.Module,
     regions: Sequence[Region],
@@ -84,34 +143,29 @@ def fit(
     report: Report | None = None,
 ) -> FitResult:
     """Train ``model`` (resuming from ``checkpoint`` when it exists) and return the best epoch."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
-    state = _resume(checkpoint, fingerprint, model, optimizer)
-    start = int(state["epoch"])
-    emit = report or (lambda _event, _info: None)
-    emit("start", {"epoch": start, "epochs": options.epochs, "steps": options.steps_per_epoch})
+
+    def one_epoch(optimizer: torch.optim.Optimizer, epoch: int, state: dict[str, Any], emit: Report) -> float:
+        return _epoch(model, optimizer, regions, index, normalise, options, epoch, state, emit)
+
+    def summarise(scores: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+        score = float(scores.get("mean_dice") or 0.0)
+        return score, {"mean_dice": score, "pixel_accuracy": float(scores.get("pixel_accuracy") or 0.0)}
+
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        for epoch in range(start, options.epochs):
-            if state["stopped"]:
-                break
-            loss = _epoch(model, optimizer, regions, index, normalise, options, epoch, state, emit)
-            scores = evaluate(model)
-            _after_epoch(model, optimizer, options, epoch, loss, scores, state)
-            save_checkpoint(checkpoint, state)
-            emit("epoch", state["history"][-1])
+        return run_epochs(
+            model,
+            options,
+            one_epoch=one_epoch,
+            evaluate=evaluate,
+            summarise=summarise,
+            checkpoint=checkpoint,
+            fingerprint=fingerprint,
+            report=report,
+        )
     finally:
         torch.use_deterministic_algorithms(previous)
-    best = state["best"]
-    return FitResult(
-        best_state=best["model"] if best["model"] else _state(model),
-        best_scores=best["scores"],
-        best_epoch=int(best["epoch"]),
-        epochs_run=int(state["epoch"]),
-        stopped_early=bool(state["stopped"]),
-        history=list(state["history"]),
-        resumed_from=start,
-    )
 
 
 def _resume(
@@ -169,17 +223,36 @@ def _epoch(
     for b in range(options.steps_per_epoch):
         chunk = origins[b * options.batch_size : (b + 1) * options.batch_size]
         x, y = _batch(rng, regions, chunk, normalise, options)
-        lr = learning_rate(state["step"], total_steps, lr=options.lr, schedule=options.schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
-        loss = dice_ce_loss(model(x), y)
-        loss.backward()
-        optimizer.step()
-        state["step"] += 1
-        losses.append(float(loss.detach()))
-        emit("step", {"epoch": epoch, "step": b + 1, "loss": losses[-1], "lr": lr})
+        loss, lr = optimiser_step(
+            optimizer, lambda x=x, y=y: dice_ce_loss(model(x), y), state, total_steps, options
+        )
+        losses.append(loss)
+        emit("step", {"epoch": epoch, "step": b + 1, "loss": loss, "lr": lr})
     return float(np.mean(losses))
+
+
+def optimiser_step(
+    optimizer: torch.optim.Optimizer,
+    compute_loss: Callable[[], torch.Tensor],
+    state: dict[str, Any],
+    total_steps: int,
+    options: Any,
+    *,
+    before_step: Callable[[], Any] | None = None,
+) -> tuple[float, float]:
+    """One step of every trainer: the scheduled learning rate for ``state["step"]``, the loss's
+    gradients, ``before_step`` (gradient clipping), the update; returns (loss, learning rate)."""
+    lr = learning_rate(state["step"], total_steps, lr=options.lr, schedule=options.schedule)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss = compute_loss()
+    loss.backward()
+    if before_step is not None:
+        before_step()
+    optimizer.step()
+    state["step"] += 1
+    return float(loss.detach()), lr
 
 
 def _batch(
@@ -201,22 +274,17 @@ def _batch(
 def _after_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    options: TrainOptions,
+    options: EpochOptions,
     epoch: int,
     loss: float,
-    scores: dict[str, Any],
+    scored: tuple[float, dict[str, Any], dict[str, Any]],
     state: dict[str, Any],
 ) -> None:
-    score = float(scores.get("mean_dice") or 0.0)
+    score, columns, scores = scored
     state["history"].append(
-        {
-            "epoch": epoch + 1,
-            "loss": loss,
-            "lr": float(optimizer.param_groups[0]["lr"]),
-            "mean_dice": score,
-            "pixel_accuracy": float(scores.get("pixel_accuracy") or 0.0),
-        }
+        {"epoch": epoch + 1, "loss": loss, "lr": float(optimizer.param_groups[0]["lr"]), **columns}
     )
+
     best = state["best"]
     if score > best["score"] + options.min_delta or not best["model"]:
         state["best"] = {"score": score, "epoch": epoch + 1, "model": _state(model), "scores": scores}

@@ -244,10 +244,50 @@ F1_FLOOR = 0.88
 MATCHED_FLOOR = {FIELDS[0]: 0.98, FIELDS[1].values[0]: 0.98}
 
 
-
 def test_paste_drops_objects_mostly_covered_by_higher_scores() -> None:
     det = _det([[0, 0, 10, 10], [0, 0, 10, 4], [0, 6, 10, 16]], [0.9, 0.8, 0.7])
     kept = paste(det, (20, 20), min_visible=0.5)
     # the 10x4 object lies wholly under the first; the third keeps 60 of its 100 pixels
     assert set(np.unique(kept)) == {0, 1, 2} and (kept[10:16, :10] == 2).all()
     assert set(np.unique(paste(det, (20, 20), min_visible=0.7))) == {0, 1}
+
+
+def test_maskrcnn_training_checkpoints_resumes_and_writes_a_card(tmp_path) -> None:
+    """The detection trainer on the shipped job's data, cut to a few patches: the shared epoch
+    loop (``pipeline.train.loop.run_epochs``) keeps per-epoch F1 history and the best epoch, a
+    rerun of the same job resumes from its checkpoint instead of training again, and the card
+    records the best epoch's held-apart scores."""
+    import torch
+    from safetensors.torch import load_file
+
+    from pipeline.models.torch.card import load_card
+    from pipeline.runner.train_detection import train_detector
+    from pipeline.runner.train_spec import load_train_job
+
+    sets = [
+        "optim.epochs=2",
+        "optim.patience=null",
+        "sampling.patches_per_epoch=4",
+        "sampling.batch_size=2",
+        "patch_size=[96,96]",
+        f"output.dir={tmp_path / 'run'}",
+        f"output.model_dir={tmp_path / 'model'}",
+    ]
+    job = load_train_job(REPO / "jobs" / "train" / "nuclei_maskrcnn.yaml", sets)
+    first = train_detector(job, command="test", progress=False)
+    r = first.result
+    assert (r.resumed_from, r.epochs_run, len(r.history)) == (0, 2, 2)
+    assert [h["epoch"] for h in r.history] == [1, 2]
+    assert all({"loss", "lr", "f1", "precision", "recall"} <= set(h) for h in r.history)
+    best = max(r.history, key=lambda h: h["f1"])
+    assert r.best_epoch == best["epoch"] and r.best_scores["f1"] == best["f1"]
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
+    weights = load_file(str(first.weights))
+
+    again = train_detector(job, command="test", progress=False)  # nothing left to train
+    assert (again.result.resumed_from, again.result.epochs_run) == (2, 2)
+    assert again.result.history == r.history and again.result.best_epoch == r.best_epoch
+    resumed = load_file(str(again.weights))
+    assert weights.keys() == resumed.keys() and all(torch.equal(weights[k], resumed[k]) for k in weights)
+    card = load_card(tmp_path / "model")
+    assert card.validation["epoch"] == r.best_epoch and card.validation["f1"] == r.best_scores["f1"]
