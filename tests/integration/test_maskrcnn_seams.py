@@ -9,6 +9,7 @@ noise, at positions straddling chunk seams and four-chunk corners; the truth is 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import rasterio
@@ -125,30 +126,33 @@ def _same_up_to_renaming(tiled: np.ndarray, whole: np.ndarray) -> tuple[float, f
 SEAM_CENTRES = [(128, 128), (128, 256), (60, 128), (200, 256), (128, 60), (128, 330), (60, 60), (200, 190)]
 
 
+def _tiled_and_whole(
+    client: Any, src: Path, out: Path, params: dict[str, Any], chunk: list[int], n_chunks: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Labels of the maskrcnn job on ``src`` in ``chunk`` tiles (``n_chunks`` of them) and in one."""
+    labels = []
+    with rasterio.open(src) as ds:
+        whole = [ds.height, ds.width]
+    for name, c in (("tiled", chunk), ("whole", None)):
+        result = run(
+            client,
+            src,
+            out / name,
+            "maskrcnn",
+            params,
+            chunk=c or whole,
+            input={"path": str(src), "allow_missing_crs": True},
+        )
+        assert c is None or len(result.plan.grid) == n_chunks
+        labels.append(labels_of(result))
+    return labels[0], labels[1]
+
+
 def test_objects_on_seams_and_four_chunk_corners_are_found_once(torch_client, data, tmp_path) -> None:
     image, truth = _scene(data, (256, 384), SEAM_CENTRES, largest=False)
     src = _write(tmp_path / "seams.tif", image)
     params = {"model": "nuclei_maskrcnn", "max_object_size": 64}
-    tiled = run(
-        torch_client,
-        src,
-        tmp_path / "tiled",
-        "maskrcnn",
-        params,
-        chunk=[128, 128],
-        input={"path": str(src), "allow_missing_crs": True},
-    )
-    whole = run(
-        torch_client,
-        src,
-        tmp_path / "whole",
-        "maskrcnn",
-        params,
-        chunk=[256, 384],
-        input={"path": str(src), "allow_missing_crs": True},
-    )
-    assert len(tiled.plan.grid) == 6
-    t, w = labels_of(tiled), labels_of(whole)
+    t, w = _tiled_and_whole(torch_client, src, tmp_path, params, [128, 128], 6)
     assert _found_once(t, truth) == [] and _found_once(w, truth) == []
     assert len(np.unique(t[t != 0])) == len(np.unique(w[w != 0])) == len(SEAM_CENTRES)
     worst, differ = _same_up_to_renaming(t, w)
@@ -173,26 +177,8 @@ def test_objects_larger_than_a_tile_are_found_once(torch_client, data, tmp_path)
     ]
     assert min(sizes) > 40, sizes  # larger than a chunk
     params = {"model": "nuclei_maskrcnn", "max_object_size": 24, "context": 16}
-    tiled = run(
-        torch_client,
-        src,
-        tmp_path / "tiled",
-        "maskrcnn",
-        params,
-        chunk=[40, 40],
-        input={"path": str(src), "allow_missing_crs": True},
-    )
-    whole = run(
-        torch_client,
-        src,
-        tmp_path / "whole",
-        "maskrcnn",
-        params,
-        chunk=[200, 200],
-        input={"path": str(src), "allow_missing_crs": True},
-    )
-    assert len(tiled.plan.grid) == 25
-    t, w = labels_of(tiled), labels_of(whole)
+    t, w = _tiled_and_whole(torch_client, src, tmp_path, params, [40, 40], 25)
+
     assert _found_once(w, truth) == []
     assert _found_once(t, truth) == []
     worst, differ = _same_up_to_renaming(t, w)
