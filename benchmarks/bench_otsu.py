@@ -31,7 +31,6 @@ import rasterio
 from common import (
     FOREIGN_WARN_PCT,
     GIB,
-    REPO,
     RESULTS,
     SAMPLE_EVERY_S,
     SOURCE_TIF,
@@ -46,6 +45,7 @@ from common import (
     run_sampled,
     say,
     strip_rows,
+    timed_job,
     tree_bytes,
     worker_peaks,
 )
@@ -305,10 +305,6 @@ def write_json(records: list[dict[str, Any]], settings: Settings, text: str) -> 
 
 def child_segpipe(tif: Path, out: Path, settings: dict[str, Any]) -> dict[str, Any]:
     """The segpipe otsu job on the GeoTIFF, timed end to end (plan .. summary)."""
-    from pipeline.cluster import connect
-    from pipeline.runner.api import run_job
-    from pipeline.runner.spec import parse_job, resolve_paths
-
     raw = {
         "name": f"bench-otsu-{tif.stem}",
         "input": {"path": str(tif)},
@@ -321,21 +317,10 @@ def child_segpipe(tif: Path, out: Path, settings: dict[str, Any]) -> dict[str, A
             "memory_limit": settings["memory_limit"],
         },
     }
-    spec = resolve_paths(parse_job(raw), base=REPO)
-    with cluster_host(settings) as address, connect(scheduler=address) as client:
-        roles = cluster_roles(client)
-        started = time.time()
-        t0 = time.perf_counter()
-        run_job(spec, client=client)
-        wall = time.perf_counter() - t0
-    summary = json.loads((out / "summary.json").read_text())
+    record, summary = timed_job(raw, settings)
     return {
-        "wall_s": wall,
-        "job_started_at": started,
-        "roles": roles,
-        "timings_s": summary["timings_s"],
+        **record,
         "threshold": summary["segmenter"]["fitted"]["threshold"],
-        "n_chunks": summary["tiling"]["n_chunks"],
         "outputs": sorted(summary["outputs"]),
         "output_bytes": tree_bytes(out),
     }

@@ -34,16 +34,14 @@ from bench_otsu import generate_geotiff, raster_shape
 from common import (
     FOREIGN_WARN_PCT,
     GIB,
-    REPO,
     RESULTS,
     add_usage,
-    cluster_host,
-    cluster_roles,
     machine,
     peak,
     remove,
     run_sampled,
     say,
+    timed_job,
 )
 
 PARALLEL = ("ingest", "fit", "segment", "seam_check")
@@ -58,10 +56,6 @@ SEGMENTER = {
 
 def child_run(tif: Path, out: Path, settings: dict[str, Any]) -> dict[str, Any]:
     """The job on a fresh cluster of ``n_workers`` processes, timed from plan to summary."""
-    from pipeline.cluster import connect
-    from pipeline.runner.api import run_job
-    from pipeline.runner.spec import parse_job, resolve_paths
-
     raw = {
         "name": f"bench-scaling-{settings['n_workers']}",
         "input": {"path": str(tif)},
@@ -69,20 +63,9 @@ def child_run(tif: Path, out: Path, settings: dict[str, Any]) -> dict[str, Any]:
         "tiling": {"chunk": [settings["chunk"]] * 2},
         "output": {"dir": str(out), "formats": settings["formats"]},
     }
-    spec = resolve_paths(parse_job(raw), base=REPO)
-    with cluster_host(settings) as address, connect(scheduler=address) as client:
-        roles = cluster_roles(client)
-        started = time.time()
-        t0 = time.perf_counter()
-        run_job(spec, client=client)
-        wall = time.perf_counter() - t0
-    summary = json.loads((out / "summary.json").read_text())
+    record, summary = timed_job(raw, settings)
     return {
-        "wall_s": wall,
-        "job_started_at": started,
-        "roles": roles,
-        "timings_s": summary["timings_s"],
-        "n_chunks": summary["tiling"]["n_chunks"],
+        **record,
         "threshold": summary["segmenter"]["fitted"],
         "seam_check": {k: summary["seam_check"][k] for k in ("windows", "pixels", "differing")},
     }

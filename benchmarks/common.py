@@ -311,6 +311,32 @@ def serve_cluster(settings: dict[str, Any]) -> None:
         sys.stdin.read()
 
 
+def timed_job(raw: dict[str, Any], settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run the job ``raw`` (a job file's content) on a fresh cluster (:func:`cluster_host`),
+    timed from plan to summary; the measurement's record (wall, start, process roles, stage
+    times, chunks) and the job's ``summary.json``."""
+    from pipeline.cluster import connect
+    from pipeline.runner.api import run_job
+    from pipeline.runner.spec import parse_job, resolve_paths
+
+    spec = resolve_paths(parse_job(raw), base=REPO)
+    with cluster_host(settings) as address, connect(scheduler=address) as client:
+        roles = cluster_roles(client)
+        started = time.time()
+        t0 = time.perf_counter()
+        run_job(spec, client=client)
+        wall = time.perf_counter() - t0
+    summary = json.loads((Path(str(spec.output.dir)) / "summary.json").read_text())
+    record = {
+        "wall_s": wall,
+        "job_started_at": started,
+        "roles": roles,
+        "timings_s": summary["timings_s"],
+        "n_chunks": summary["tiling"]["n_chunks"],
+    }
+    return record, summary
+
+
 def cluster_roles(client: Any) -> dict[str, Any]:
     """Pids of this client, the scheduler and each worker."""
     return {
