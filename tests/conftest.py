@@ -45,7 +45,7 @@ def _local_cluster(memory_limit: str) -> Iterator[object]:
     """A client of a local cluster of 2 worker processes with 1 thread each, on 127.0.0.1."""
     from distributed import Client, LocalCluster
 
-    from pipeline.cluster.connect import WORKER_ENV
+    from pipeline.cluster.connect import PRELOAD, WORKER_ENV
 
     cluster = LocalCluster(
         n_workers=2,
@@ -53,6 +53,7 @@ def _local_cluster(memory_limit: str) -> Iterator[object]:
         processes=True,
         memory_limit=memory_limit,
         env=WORKER_ENV,
+        preload=[PRELOAD],
         dashboard_address=":0",
         host="127.0.0.1",
     )

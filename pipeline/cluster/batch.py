@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipeline.cluster.connect import PRELOAD
 from pipeline.cluster.profiles import JobqueueSpec, KubernetesSpec
 from pipeline.errors import ConfigError
 
@@ -24,7 +25,7 @@ def jobqueue_cluster(spec: JobqueueSpec) -> Any:
     cls = SLURMCluster if spec.system == "slurm" else PBSCluster
     gpus = spec.gpus_per_job
     processes = gpus or spec.cores
-    extra = ["--resources", "GPU=1"] if gpus else []
+    extra = ["--preload", PRELOAD, *(["--resources", "GPU=1"] if gpus else [])]
     directives = list(spec.job_extra_directives)
     if gpus:
         directives.append(f"--gres=gpu:{gpus}" if spec.system == "slurm" else f"-l ngpus={gpus}")
@@ -59,6 +60,8 @@ def kubernetes_spec(spec: KubernetesSpec) -> dict[str, Any]:
         "$(DASK_WORKER_NAME)",
         "--nthreads",
         "1",
+        "--preload",
+        PRELOAD,
         "--dashboard",
         "--dashboard-address",
         "8788",
@@ -96,7 +99,7 @@ def kubernetes_spec(spec: KubernetesSpec) -> dict[str, Any]:
                         {
                             "name": "scheduler",
                             "image": spec.image,
-                            "args": ["dask-scheduler", "--host", "0.0.0.0"],
+                            "args": ["dask-scheduler", "--host", "0.0.0.0", "--preload", PRELOAD],
                             "env": env,
                             "ports": [
                                 {"name": "tcp-comm", "containerPort": 8786, "protocol": "TCP"},

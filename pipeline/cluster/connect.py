@@ -22,6 +22,9 @@ WORKER_ENV = {
     "OPENBLAS_NUM_THREADS": "1",
     "GDAL_CACHEMAX": "64",
 }
+#: The module each worker imports when it starts (:mod:`pipeline.runner.preload`; named, not
+#: imported, here: the cluster layer sits below the runner).
+PRELOAD = "pipeline.runner.preload"
 
 
 def security(tls: TLSFiles | None) -> Security | None:
@@ -99,6 +102,8 @@ def connect(
         processes=True,
         memory_limit=memory_limit,
         env=WORKER_ENV,
+        preload=[PRELOAD],
+        scheduler_kwargs={"preload": [PRELOAD]},  # the scheduler unpickles tasks too
         dashboard_address=":0",  # a free port; None would still try 8787
         host="127.0.0.1",
     )

@@ -12,7 +12,7 @@ from typing import Any
 
 from distributed import Nanny, Scheduler, SpecCluster
 
-from pipeline.cluster.connect import WORKER_ENV
+from pipeline.cluster.connect import PRELOAD, WORKER_ENV
 
 
 def gpu_count() -> int:
@@ -26,7 +26,7 @@ def gpu_count() -> int:
 
 def worker_specs(n_workers: int, gpus: int, memory_limit: str) -> dict[str, dict[str, Any]]:
     """SpecCluster worker specs: CPU workers, then one ``GPU=1`` worker per device."""
-    base = {"nthreads": 1, "memory_limit": memory_limit, "host": "127.0.0.1"}
+    base = {"nthreads": 1, "memory_limit": memory_limit, "host": "127.0.0.1", "preload": [PRELOAD]}
     specs = {
         f"cpu-{i}": {"cls": Nanny, "options": {**base, "env": dict(WORKER_ENV)}} for i in range(n_workers)
     }
@@ -46,7 +46,8 @@ def serve(
 ) -> None:
     """Start the cluster, announce its address, and wait (until Ctrl-C or ``stop_after`` s)."""
     gpus = gpu_count()
-    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "port": port, "dashboard_address": ":0"}}
+    options = {"host": "127.0.0.1", "port": port, "dashboard_address": ":0", "preload": [PRELOAD]}
+    scheduler = {"cls": Scheduler, "options": options}
     cluster = SpecCluster(workers=worker_specs(n_workers, gpus, memory_limit), scheduler=scheduler)
     try:
         announce(

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import rasterio
 
+from pipeline.cluster.connect import PRELOAD
 from tests.helpers import run
 
 BIN = Path(sys.executable).parent
@@ -49,11 +50,13 @@ def cli_cluster(logs: Path, workers: dict[str, list[str]], memory_limit: str = "
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [
         _spawn(
-            ["scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"], logs / "s.log", env
+            ["scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard", "--preload", PRELOAD],
+            logs / "s.log",
+            env,
         )
     ]
     time.sleep(1.0)
-    common = ["--nthreads", "1", "--nworkers", "1", "--memory-limit", memory_limit]
+    common = ["--nthreads", "1", "--nworkers", "1", "--memory-limit", memory_limit, "--preload", PRELOAD]
     for name, extra in workers.items():
         args = ["worker", address, *common, "--host", "127.0.0.1", "--no-dashboard", "--name", name, *extra]
         procs.append(_spawn(args, logs / f"{name}.log", env))
