@@ -67,7 +67,7 @@ def reduce_2x2(a: np.ndarray, resampling: Resampling, nodata: float | None) -> n
         return a[..., ::2, ::2].copy()
     values, valid = _quads(a, nodata)
     if resampling == "MODE":
-        return _mode(values, valid, _fill(a.dtype, nodata))
+        return _mode_mostly_uniform(values, valid, _fill(a.dtype, nodata))
     return _mean(values, valid, _fill(a.dtype, nodata), a.dtype)
 
 
@@ -97,6 +97,25 @@ def _quads(a: np.ndarray, nodata: float | None) -> tuple[list[np.ndarray], list[
         [padded[..., i::2, j::2] for i, j in offsets],
         [valid[..., i::2, j::2] for i, j in offsets],
     )
+
+
+def _mode_mostly_uniform(values: list[np.ndarray], valid: list[np.ndarray], fill: float) -> np.ndarray:
+    """:func:`_mode`, computed only where a block's four pixels differ.
+
+    In a label map most 2x2 blocks hold one value, and their mode is that value whatever its
+    validity: four valid pixels, or four nodata pixels (the result is then ``fill``, which is
+    nodata), or an edge block whose padding repeats its valid pixels. NaN never equals itself,
+    so NaN blocks take the general path.
+    """
+    v0 = values[0]
+    mixed = (v0 != values[1]) | (v0 != values[2]) | (v0 != values[3])
+    if not mixed.any():
+        return v0.copy()
+    if not mixed.all():
+        out = v0.copy()
+        out[mixed] = _mode([v[mixed] for v in values], [k[mixed] for k in valid], fill)
+        return out
+    return _mode(values, valid, fill)
 
 
 def _mode(values: list[np.ndarray], valid: list[np.ndarray], fill: float) -> np.ndarray:

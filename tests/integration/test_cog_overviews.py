@@ -105,6 +105,24 @@ def test_label_cog_overviews_are_the_mode_of_each_block(rgb_labels) -> None:
     assert ((ties[..., -1] == ties[..., -2]) & (ties[..., -1] > 0)).sum() > 500  # so are ties
 
 
+@pytest.mark.parametrize("shape", [(64, 64), (63, 65), (1, 7)])
+@pytest.mark.parametrize("uniform", [0.0, 0.9, 1.0])
+def test_mode_reduction_matches_the_reference_on_mixed_and_uniform_blocks(shape, uniform) -> None:
+    """The mode kernel takes a shortcut where a block's four pixels agree: on maps that are all
+    mixed, 90 % uniform or all uniform, nodata blocks and odd sides included, it still equals
+    the reference on every block."""
+    from pipeline.io.overviews import reduce_2x2
+
+    rng = np.random.default_rng(int(uniform * 10) + shape[0])
+    blocky = np.kron(rng.integers(0, 4, (shape[0] // 2 + 1, shape[1] // 2 + 1)), np.ones((2, 2), int))
+    noisy = rng.integers(0, 4, shape)
+    keep = np.kron(rng.random((shape[0] // 2 + 1, shape[1] // 2 + 1)) < uniform, np.ones((2, 2), bool))
+    labels = np.where(keep[: shape[0], : shape[1]], blocky[: shape[0], : shape[1]], noisy).astype(np.uint8)
+    labels[rng.random(shape) < 0.05] = 255
+    labels[:4, :4] = 255  # whole nodata blocks
+    assert np.array_equal(reduce_2x2(labels, "MODE", 255), mode_reference(labels, 255))
+
+
 def _rgb(data: Path) -> tuple[np.ndarray, np.ndarray, GeoRef]:
     with rasterio.open(data / RGB) as ds:
         band, mask = ds.read(1), ds.read_masks(1) == 0
