@@ -159,9 +159,13 @@ def _epoch(
             x, ids = augment(rng, x, ids, options.augment)
             images.append(torch.from_numpy(x))
             targets.append(targets_of(ids, options.min_area))
+
+        def loss_of(images: list[Any] = images, targets: list[Any] = targets) -> Any:
+            return sum(model(images, targets).values())
+
         loss, lr = optimiser_step(
             optimizer,
-            lambda images=images, targets=targets: sum(model(images, targets).values()),
+            loss_of,
             state,
             total,
             options,

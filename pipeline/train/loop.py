@@ -74,12 +74,16 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
 class EpochOptions(Protocol):
     """What :func:`run_epochs` reads of a trainer's options."""
 
-    epochs: int
-    lr: float
-    weight_decay: float
-    patience: int | None
-    min_delta: float
-
+    @property
+    def epochs(self) -> int: ...
+    @property
+    def lr(self) -> float: ...
+    @property
+    def weight_decay(self) -> float: ...
+    @property
+    def patience(self) -> int | None: ...
+    @property
+    def min_delta(self) -> float: ...
     @property
     def steps_per_epoch(self) -> int: ...
 
@@ -223,9 +227,11 @@ def _epoch(
     for b in range(options.steps_per_epoch):
         chunk = origins[b * options.batch_size : (b + 1) * options.batch_size]
         x, y = _batch(rng, regions, chunk, normalise, options)
-        loss, lr = optimiser_step(
-            optimizer, lambda x=x, y=y: dice_ce_loss(model(x), y), state, total_steps, options
-        )
+
+        def loss_of(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+            return dice_ce_loss(model(x), y)
+
+        loss, lr = optimiser_step(optimizer, loss_of, state, total_steps, options)
         losses.append(loss)
         emit("step", {"epoch": epoch, "step": b + 1, "loss": loss, "lr": lr})
     return float(np.mean(losses))
