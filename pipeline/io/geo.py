@@ -19,13 +19,7 @@ from rasterio.windows import Window
 from pipeline.data.geometry import GeoRef, check_same_geometry
 from pipeline.errors import InvalidImageError, ReadError, WriteError
 from pipeline.io import remote
-from pipeline.io.overviews import (
-    LevelReader,
-    Resampling,
-    allocate_overviews,
-    check_resampling,
-    fill_overviews,
-)
+from pipeline.io.overviews import Resampling, allocate_overviews, check_resampling, fill_overviews
 from pipeline.tiling import Box
 
 # Rasters without georeference are refused unless a job allows them; once allowed, GDAL's
@@ -152,7 +146,6 @@ def write_cog(
     resampling: Resampling = "MODE",
     bands: int = 1,
     blocksize: int = 256,
-    precomputed: tuple[int, LevelReader] | None = None,
 ) -> Path:
     """Write a COG window by window, with overviews; verify it; move it into place.
 
@@ -161,8 +154,7 @@ def write_cog(
     from it 2x2 block by 2x2 block with ``resampling`` (``MODE`` or ``NEAREST`` for labels,
     ``AVERAGE`` for scores; see :mod:`pipeline.io.overviews`), then GDAL's COG driver copies it
     (internal ``blocksize`` tiles, those overviews, deflate) to a hidden name; only after the
-    geometry is checked is it renamed to ``path``. ``precomputed``: the first overview levels,
-    reduced already (see :func:`pipeline.io.overviews.fill_overviews`).
+    geometry is checked is it renamed to ``path``.
     """
     resampling = check_resampling(resampling)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -173,7 +165,7 @@ def write_cog(
             levels = _write_tiled(
                 stage, georef, shape, (bands, dtype), windows, nodata, (resampling, blocksize)
             )
-            fill_overviews(stage, levels, resampling, nodata, precomputed)
+            fill_overviews(stage, levels, resampling, nodata)
             rasterio.shutil.copy(
                 stage,
                 tmp,

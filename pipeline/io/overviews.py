@@ -23,7 +23,7 @@ tile (bounded memory) once they are, and the COG driver copies them as they are.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -33,7 +33,6 @@ from rasterio.enums import Resampling as GdalResampling
 from rasterio.windows import Window
 
 from pipeline.errors import ConfigError, WriteError
-from pipeline.tiling import Box
 
 Resampling = Literal["NEAREST", "MODE", "AVERAGE"]
 RESAMPLINGS: tuple[str, ...] = get_args(Resampling)
@@ -155,54 +154,11 @@ def allocate_overviews(ds: Any, resampling: Resampling, *, blocksize: int) -> li
     return shapes
 
 
-def aligned_levels(side: tuple[int, int], most: int) -> int:
-    """How many levels (at most ``most``) a window of ``side`` pixels, placed at a multiple of
-    its side, reduces on its own: level ``k`` of it is exactly that window's part of level ``k``
-    of the whole raster while both sides divide by ``2**k``."""
-    k = 0
-    while k < most and all(s % 2 ** (k + 1) == 0 for s in side):
-        k += 1
-    return k
-
-
-def reduce_levels(
-    block: np.ndarray, levels: int, resampling: Resampling, nodata: float | None
-) -> list[np.ndarray]:
-    """Levels 1 to ``levels`` of ``block``, each :func:`reduce_2x2` of the one before."""
-    out = []
-    for _ in range(levels):
-        block = reduce_2x2(block, resampling, nodata)
-        out.append(block)
-    return out
-
-
-def level_box(
-    start: tuple[int, int], stop: tuple[int, int], k: int
-) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Where the window ``start..stop`` (start a multiple of ``2**k``) lands in level ``k``:
-    partial blocks at the raster's bottom and right edges round up, as the level's shape does."""
-    f = 2**k
-    return (start[0] // f, start[1] // f), (-(-stop[0] // f), -(-stop[1] // f))
-
-
-#: Reads the box (level ``k`` pixels) of overview level ``k``, reduced elsewhere.
-LevelReader = Callable[[int, Box], np.ndarray]
-
-
 def fill_overviews(
-    path: Path,
-    shapes: list[tuple[int, int]],
-    resampling: Resampling,
-    nodata: float | None,
-    precomputed: tuple[int, LevelReader] | None = None,
+    path: Path, shapes: list[tuple[int, int]], resampling: Resampling, nodata: float | None
 ) -> None:
     """Write every overview level of the GeoTIFF ``path``, tile by tile, each with
-    :func:`reduce_2x2` of the level above it (level 0: the full-resolution raster).
-
-    ``precomputed``: ``(n, read)``: levels 1 to ``n`` were reduced already (by the workers,
-    window by window, :func:`reduce_levels`) and ``read(k, window)`` returns their tiles;
-    they are copied, and only the levels after them are reduced here."""
-    n_pre, read = precomputed or (0, None)
+    :func:`reduce_2x2` of the level above it (level 0: the full-resolution raster)."""
     for k, shape in enumerate(shapes):
         above = {} if k == 0 else {"overview_level": k - 1}
         with rasterio.open(path, **above) as src, rasterio.open(path, "r+", overview_level=k) as dst:
@@ -212,13 +168,6 @@ def fill_overviews(
                     f"not the {shape} of a 2x2 reduction; the overviews would be misaligned"
                 )
             for window in _tiles(shape):
-                if k < n_pre and read is not None:
-                    row, col, h, w = (
-                        int(v) for v in (window.row_off, window.col_off, window.height, window.width)
-                    )
-                    tile = read(k + 1, Box((row, col), (row + h, col + w)))
-                    dst.write(tile if tile.ndim == 3 else tile[None], window=window)
-                    continue
                 block = src.read(window=_source_window(window, src.height, src.width))
                 dst.write(reduce_2x2(block, resampling, nodata), window=window)
 

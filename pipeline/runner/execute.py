@@ -20,23 +20,20 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 from distributed import Client, Future, as_completed, wait
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pipeline.data.geometry import GeoRef
 from pipeline.errors import ChunkFailedError, OutputConflictError
 from pipeline.io import zarr_store
-from pipeline.io.overviews import level_shapes
 from pipeline.models import Segmenter
 from pipeline.models.base import CombineFn, PartialFn
 from pipeline.runner import finalize, process, publish
 from pipeline.runner.instances import run_instances
 from pipeline.runner.plan import Plan
-from pipeline.tiling import Box
 
 log = logging.getLogger(__name__)
 FAN_IN = 8
@@ -215,8 +212,6 @@ def execute(plan: Plan, client: Client, *, restart: bool = False) -> RunResult:
         )
     if result.failures:
         raise_failures(plan, result.failures)
-    if (levels := cog_overviews(plan, client, fitted)) is not None:
-        scheduling["overviews"] = _timed(result, "overviews", levels)
     _timed(result, "finalize", lambda: result.outputs.update(finalize.finalize(plan, fitted)))
     if plan.publish:  # s3:// output: upload from the work folder; write_summary uploads the summary last
         _timed(result, "publish", lambda: result.outputs.update(publish.upload(plan, result.outputs)))
@@ -427,68 +422,6 @@ def run_waves(
     elif failures:
         raise_failures(plan, failures)
     return stats
-
-
-@dataclass(frozen=True)
-class _Window:
-    chunk_id: str  # what run_each names a task's failure by
-    box: Box
-
-
-def cog_overviews(plan: Plan, client: Client, segmenter: Segmenter) -> Callable[[], dict[str, Any]] | None:
-    """The stage that reduces the label COG's first overview levels on the workers, window by
-    window (:func:`finalize.cog_worker_levels`), into ``staging/overviews/<k>``; ``None`` when
-    the job writes no COG or no level halves a window exactly. The client then copies those
-    levels into the COG and reduces only the small ones after them: the reduction, a full pass
-    over the labels, scales with the workers instead of running in one process."""
-    if "cog" not in plan.spec.output.formats or not isinstance(plan.source.geometry, GeoRef):
-        return None
-    n = finalize.cog_worker_levels(plan)
-    if n == 0:
-        return None
-
-    def stage() -> dict[str, Any]:
-        labels, out = plan.staging / "labels", plan.staging / finalize.OVERVIEWS
-        shutil.rmtree(out, ignore_errors=True)  # levels of an earlier try: made again
-        dtype = zarr_store.array_info(labels)[1]
-        nodata = finalize.cog_nodata(plan, segmenter)
-        windows, side = finalize.cog_windows(plan), finalize.cog_window_side(plan)
-        shapes = level_shapes(cast(tuple[int, int], tuple(plan.grid.shape)), finalize.COG_BLOCKSIZE)
-        for k in range(1, n + 1):
-            zarr_store.create_array(
-                out / str(k),
-                shape=shapes[k - 1],
-                chunks=tuple(s >> k for s in side),
-                dtype=dtype,
-                geometry=plan.source.geometry,
-                fill_value=0 if nodata is None else nodata,
-                attrs={"overview_level": k},
-                codec="none",
-            )
-        items = [_Window("_".join(str(a) for a in w.start), w) for w in windows]
-        token = _token()
-        stats: dict[str, Any] = {}
-        run_each(
-            plan,
-            client,
-            "overviews",
-            items,
-            lambda w: client.submit(
-                process.reduce_overview_window,
-                labels,
-                out,
-                w.box,
-                n,
-                finalize.LABEL_OVERVIEWS,
-                nodata,
-                key=f"overviews-{w.chunk_id}-{token}",
-                retries=plan.spec.retries,
-            ),
-            stats=stats,
-        )
-        return {**stats, "levels": n}
-
-    return stage
 
 
 def _chunk_id(index: np.ndarray) -> str:

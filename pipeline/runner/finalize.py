@@ -22,7 +22,7 @@ import pandas as pd
 from pipeline.data.geometry import GeoRef, VolumeRef
 from pipeline.io import geo, medical, tables, vector, zarr_store
 from pipeline.io.ome_zarr import write_ome_zarr
-from pipeline.io.overviews import Resampling, aligned_levels, level_shapes
+from pipeline.io.overviews import Resampling
 from pipeline.io.quicklook import write_quicklook
 from pipeline.metrics import write_tile_table
 from pipeline.metrics.tiles import seam_scores
@@ -57,10 +57,6 @@ LIBRARIES = (
 LABEL_OVERVIEWS: Resampling = "MODE"
 #: Least side (pixels) of the windows a COG is written in (whole chunks each; ~1 Mpx of labels).
 COG_WINDOW = 1024
-#: Internal tile side of the COGs; overview levels are made until one tile holds the level.
-COG_BLOCKSIZE = 256
-#: Staging folder of the label COG's overview levels reduced by the workers (``OVERVIEWS/<k>``).
-OVERVIEWS = "overviews"
 
 
 def finalize(plan: Plan, segmenter: Segmenter) -> dict[str, str]:
@@ -195,63 +191,36 @@ def _extra_outputs(plan: Plan, labels: Path, segmenter: Segmenter) -> dict[str, 
     return out
 
 
-def cog_nodata(plan: Plan, segmenter: Segmenter) -> int | None:
-    """The label COG's nodata: the segmenter's nodata label where the input has nodata pixels."""
+def _write_cog(plan: Plan, labels: Path, segmenter: Segmenter) -> Path:
     georef = cast(GeoRef, plan.source.geometry)
     has_nodata = georef.nodata is not None or plan.source.dtype.lstrip("<>=|")[0] == "f"
-    return segmenter.nodata_label if has_nodata and segmenter.kind == "semantic" else None
+    nodata = segmenter.nodata_label if has_nodata and segmenter.kind == "semantic" else None
 
-
-def cog_windows(plan: Plan) -> list[Box]:
-    """The windows a label COG is written in: whole chunks, at least ``COG_WINDOW`` pixels a
-    side (or the image), so one read per window however small the chunks; each window starts
-    at a multiple of its side."""
-    shape, side = plan.grid.shape, cog_window_side(plan)
-    return [
-        Box(start, tuple(min(a + s, n) for a, s, n in zip(start, side, shape, strict=True)))
-        for start in itertools.product(*(range(0, n, s) for n, s in zip(shape, side, strict=True)))
-    ]
-
-
-def cog_window_side(plan: Plan) -> tuple[int, ...]:
-    """The side of :func:`cog_windows` (those at the bottom and right edges are cut by the image)."""
-    return tuple(c * max(1, -(-COG_WINDOW // c)) for c in plan.grid.chunk)
-
-
-def cog_worker_levels(plan: Plan) -> int:
-    """How many of the label COG's overview levels the workers reduce, window by window
-    (:func:`pipeline.runner.execute.cog_overviews`): those for which a :func:`cog_windows`
-    window halves exactly; the client reduces the levels after them."""
-    side = cog_window_side(plan)
-    n_levels = len(level_shapes(cast(tuple[int, int], tuple(plan.grid.shape)), COG_BLOCKSIZE))
-    return aligned_levels(cast(tuple[int, int], side), n_levels)
-
-
-def _write_cog(plan: Plan, labels: Path, segmenter: Segmenter) -> Path:
     def windows():  # type: ignore[no-untyped-def]
         yield from _blocks(plan, labels)
 
-    n = cog_worker_levels(plan)
-    precomputed = None
-    if n and (plan.staging / OVERVIEWS / str(n)).exists():  # the workers' levels
-        arrays = {k: zarr_store.open_array(plan.staging / OVERVIEWS / str(k)) for k in range(1, n + 1)}
-
-        def read(k: int, box: Box) -> np.ndarray:
-            return zarr_store.read_box(arrays[k], box)
-
-        precomputed = (n, read)
     shape = plan.source.spatial_shape
+    dtype = zarr_store.array_info(labels)[1]
     return geo.write_cog(
         plan.out / "labels.tif",
-        cast(GeoRef, plan.source.geometry),
+        georef,
         (shape[0], shape[1]),
-        zarr_store.array_info(labels)[1],
+        dtype,
         windows,
-        nodata=cog_nodata(plan, segmenter),
+        nodata=nodata,
         resampling=LABEL_OVERVIEWS,
-        blocksize=COG_BLOCKSIZE,
-        precomputed=precomputed,
     )
+
+
+def _blocks(plan: Plan, path: Path) -> Iterator[tuple[Box, np.ndarray]]:
+    """The zarr array at ``path`` as windows of whole chunks, at least ``COG_WINDOW`` pixels a
+    side (or the image): one read per window instead of one per chunk, however small the chunks."""
+    arr = zarr_store.open_array(path)
+    shape, chunk = plan.grid.shape, plan.grid.chunk
+    side = [c * max(1, -(-COG_WINDOW // c)) for c in chunk]
+    for start in itertools.product(*(range(0, n, s) for n, s in zip(shape, side, strict=True))):
+        box = Box(start, tuple(min(a + s, n) for a, s, n in zip(start, side, shape, strict=True)))
+        yield box, zarr_store.read_box(arr, box)
 
 
 def write_summary(
@@ -341,10 +310,3 @@ def _atomic_text(path: Path, text: str) -> Path:
     tmp.write_text(text)
     os.replace(tmp, path)
     return path
-
-
-def _blocks(plan: Plan, path: Path) -> Iterator[tuple[Box, np.ndarray]]:
-    """The zarr array at ``path``, window by window (:func:`cog_windows`)."""
-    arr = zarr_store.open_array(path)
-    for box in cog_windows(plan):
-        yield box, zarr_store.read_box(arr, box)

@@ -12,7 +12,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import zarr
@@ -21,7 +21,6 @@ from pipeline.data import valid_mask
 from pipeline.data.geometry import Geometry
 from pipeline.errors import PipelineError
 from pipeline.io import zarr_store
-from pipeline.io.overviews import Resampling, level_box, reduce_levels
 from pipeline.io.sources import ImageSource
 from pipeline.metrics import tile_row
 from pipeline.metrics.tiles import reference_row, seam_band
@@ -59,17 +58,6 @@ def ingest_group(
             )
     zarr_store.CompletionLog(records, "ingest").mark_many([{"chunk_id": s.chunk_id} for s in specs])
     return len(specs)
-
-
-def reduce_overview_window(
-    labels: Path, out: Path, box: Box, levels: int, resampling: Resampling, nodata: float | None
-) -> None:
-    """Overview levels 1 to ``levels`` of the label COG for one window of the stitched labels
-    (``box`` starts at a multiple of ``2**levels``), into the arrays ``out/<k>``."""
-    block = zarr_store.read_box(labels, box)
-    for k, level in enumerate(reduce_levels(block, levels, resampling, nodata), start=1):
-        start, stop = level_box(cast(tuple[int, int], box.start), cast(tuple[int, int], box.stop), k)
-        zarr_store.write_box(out / str(k), Box(start, stop), level)
 
 
 #: Largest union (pixels) of a batch's boxes read or written in one zarr call; above it (large
