@@ -37,9 +37,9 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MIB, REPO, RESULTS, run_sampled
+from common import DATA, MIB, REPO, RESULTS, run_sampled
 
-FIELDS = Path("/work/shared/data/images/bbbc039")
+FIELDS = DATA / "images" / "bbbc039"
 NAMES = [
     "IXMtest_A02_s1_w1051DAA7C-7042-435F-99F0-1E847D9B42CB",
     "IXMtest_G13_s9_w19606195E-12B4-46FF-9B83-1F7FE11B3AFB",

@@ -51,6 +51,7 @@ from typing import Any
 
 import numpy as np
 from common import (
+    DATA,
     FOREIGN_WARN_PCT,
     GIB,
     REPO,
@@ -70,7 +71,7 @@ from common import (
     tree_bytes,
 )
 
-CT_NII = Path("/work/shared/data/medical/totalseg_example_ct_sm.nii.gz")
+CT_NII = DATA / "medical" / "totalseg_example_ct_sm.nii.gz"
 CT_CLIP = (-150.0, 250.0)
 S2_BANDS = ["B2", "B3", "B4", "B8", "B11", "B12"]
 S2_ALL = ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12"]

@@ -57,6 +57,7 @@ from typing import Any
 
 import numpy as np
 from common import (
+    DATA,
     FOREIGN_WARN_PCT,
     GIB,
     REPO,
@@ -77,8 +78,8 @@ from common import (
     worker_peaks,
 )
 
-NAIP_TIF = Path("/work/shared/data/landcover/chesapeake_m_3907833_nw_17_1_naip-new.tif")
-CT_NII = Path("/work/shared/data/medical/totalseg_example_ct_sm.nii.gz")
+NAIP_TIF = DATA / "landcover" / "chesapeake_m_3907833_nw_17_1_naip-new.tif"
+CT_NII = DATA / "medical" / "totalseg_example_ct_sm.nii.gz"
 CLASSES_2D = {0: "water", 1: "tree_canopy", 2: "low_vegetation", 3: "barren_impervious"}
 CLASSES_3D = {0: "background", 1: "liver", 2: "spleen", 3: "kidney"}
 CT_CLIP = (-150.0, 250.0)

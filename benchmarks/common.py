@@ -33,7 +33,9 @@ import psutil
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "results"
-SOURCE_TIF = Path("/work/shared/data/geo/Spain_7370579_S2Hand.tif")
+#: The shared real data (its README gives provenance): beside the repository, or $SEGPIPE_DATA.
+DATA = Path(os.environ.get("SEGPIPE_DATA", REPO.parent / "shared" / "data"))
+SOURCE_TIF = DATA / "geo" / "Spain_7370579_S2Hand.tif"
 GIB = 2**30
 MIB = 2**20
 SAMPLE_EVERY_S = 0.1
