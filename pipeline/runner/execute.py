@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import pickle
 import shutil
 import time
 import traceback
@@ -181,7 +183,7 @@ def execute(plan: Plan, client: Client, *, restart: bool = False) -> RunResult:
         create_stores(plan)
     scheduling = result.diagnostics.setdefault("scheduling", {})
     scheduling["ingest"] = _timed(result, "ingest", lambda: ingest(plan, client))
-    fitted = _timed(result, "fit", lambda: plan.segmenter.fit(make_reducer(plan, client)))
+    fitted = _timed(result, "fit", lambda: fit_once(plan, client))
     result.segmenter = fitted
     if fitted.kind != "semantic":
         result.instances = _timed(
@@ -225,6 +227,30 @@ def execute(plan: Plan, client: Client, *, restart: bool = False) -> RunResult:
         result.diagnostics,
     )
     return result
+
+
+#: The fitted segmenter of a run, kept with its completion records (same fingerprint).
+FITTED = "fitted.pkl"
+
+
+def fit_once(plan: Plan, client: Client) -> Segmenter:
+    """The segmenter fitted over the whole input (Otsu's threshold, k-means centres, ...), once
+    per run: a rerun that resumes the job (same fingerprint) takes the one kept with the
+    completion records instead of passing over the whole input again. A kept one that does not
+    load (another segpipe version) is fitted again."""
+    kept = plan.records / FITTED
+    if kept.exists():
+        try:
+            segmenter = pickle.loads(kept.read_bytes())
+            if isinstance(segmenter, type(plan.segmenter)):
+                return segmenter
+        except Exception as e:  # any unpickling failure means: fit again
+            log.info("fitting again: %s did not load (%s)", kept, e)
+    fitted = plan.segmenter.fit(make_reducer(plan, client))
+    tmp = kept.with_name(f".tmp-{kept.name}")
+    tmp.write_bytes(pickle.dumps(fitted))
+    os.replace(tmp, kept)
+    return fitted
 
 
 def _timed(result: RunResult, stage: str, fn: Callable[[], Any]) -> Any:

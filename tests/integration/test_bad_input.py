@@ -320,11 +320,29 @@ def test_output_folder_with_foreign_files_is_refused(client, data, tmp_path) -> 
 
 
 def test_same_job_rerun_resumes_and_skips_completed_chunks(client, data, tmp_path) -> None:
+    """A rerun skips the completed chunks and the fit (Otsu's pass over the whole input): the
+    fitted segmenter kept with the completion records is used; one that does not load is
+    fitted again, to the same threshold."""
+    from distributed import get_task_stream
+
+    from pipeline.runner.execute import FITTED
+
     out = tmp_path / "out"
-    first = run(client, data / S2, out, "otsu", {"band": 8}, chunk=[256, 256], formats=["cog"])
-    second = run(client, data / S2, out, "otsu", {"band": 8}, chunk=[256, 256], formats=["cog"])
+    args = (client, data / S2, out, "otsu", {"band": 8})
+    first = run(*args, chunk=[256, 256], formats=["cog"])
+    with get_task_stream(client) as stream:
+        second = run(*args, chunk=[256, 256], formats=["cog"])
     assert (first.chunks_computed, second.chunks_computed, second.chunks_skipped) == (4, 0, 4)
     assert json.loads((out / "summary.json").read_text())["status"] == "complete"
+    threshold = first.segmenter.fitted_values()
+    assert second.segmenter.fitted_values() == threshold
+    assert not [t for t in stream.data if str(t["key"]).startswith("reduce_chunks")]  # no fit pass
+
+    (first.plan.records / FITTED).write_bytes(b"not a pickle")  # e.g. written by another version
+    with get_task_stream(client) as stream:
+        third = run(*args, chunk=[256, 256], formats=["cog"])
+    assert third.segmenter.fitted_values() == threshold
+    assert [t for t in stream.data if str(t["key"]).startswith("reduce_chunks")]  # fitted again
     shutil.rmtree(out)
 
 
