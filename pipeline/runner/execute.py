@@ -247,8 +247,13 @@ def fit_once(plan: Plan, client: Client) -> Segmenter:
         except Exception as e:  # any unpickling failure means: fit again
             log.info("fitting again: %s did not load (%s)", kept, e)
     fitted = plan.segmenter.fit(make_reducer(plan, client))
+    try:
+        data = pickle.dumps(fitted)
+    except (pickle.PicklingError, TypeError, AttributeError) as e:  # not kept: a rerun fits again
+        log.info("the fitted segmenter is not kept for resume (%s)", e)
+        return fitted
     tmp = kept.with_name(f".tmp-{kept.name}")
-    tmp.write_bytes(pickle.dumps(fitted))
+    tmp.write_bytes(data)
     os.replace(tmp, kept)
     return fitted
 
