@@ -237,7 +237,7 @@ def _stage_compression(dtype: str) -> dict[str, Any]:
     """How the hidden staging GeoTIFF is compressed: it is written once, read back level by level
     while the overviews are filled, then once more by the COG copy. Label maps (integers) are
     mostly runs of one value and take PACKBITS: on the 16384^2 labels of ``bench_scaling.py``
-    the staging file writes and fills in 2.7 s against 3.7 s with zstd level 1 (2.3 s
+    the staging file writes and fills in 2.1-2.7 s against 3.7 s with zstd level 1 (2.3 s
     uncompressed, 15 times the disk), and a PACKBITS tile never exceeds its raw size by more
     than 1/128. Float scores compress poorly with runs and take zstd."""
     if np.dtype(dtype).kind in "iub":
