@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,7 +96,6 @@ def test_kubernetes_profile_builds_the_daskcluster_resource() -> None:
 def test_local_cluster_workers_import_the_task_modules_at_start() -> None:
     """A fresh local cluster's workers have run the preload before any task: a job's first
     chunk does not pay the ~2 s of imports inside its first stage."""
-    import sys
 
     from pipeline.cluster import connect
     from pipeline.runner.preload import MODULES
@@ -101,5 +103,44 @@ def test_local_cluster_workers_import_the_task_modules_at_start() -> None:
     def loaded() -> list[str]:
         return [m for m in ("pipeline.runner.preload", *MODULES) if m in sys.modules]
 
+    def malloc_tuned() -> bool:
+        from pipeline.runner import preload
+
+        return preload.MALLOC_TUNED
+
     with connect(n_workers=1, dashboard=False) as client:
         assert list(client.run(loaded).values()) == [["pipeline.runner.preload", *MODULES]]
+        assert list(client.run(malloc_tuned).values()) == [sys.platform == "linux"]
+
+
+FAULTS = """
+import resource, sys
+import numpy as np
+if sys.argv[1] == "tuned":
+    from pipeline.runner.preload import tune_malloc
+    assert tune_malloc()
+np.ones(2**20)  # one 8 MiB float64 array, as a 1024^2 chunk's smoothed band
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    np.ones(2**20)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc: the workers' platform")
+def test_preload_lets_a_worker_reuse_freed_arrays_under_the_nannys_trim_threshold() -> None:
+    """Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which makes glibc map and
+    zero-fill every array over 128 KiB afresh (8 MiB: 2048 page faults, or 4 to 2048 with
+    transparent huge pages); after the preload's ``tune_malloc`` a freed array's memory is
+    reused (measured here: 10321 faults for 20 arrays, and 0)."""
+    env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"}
+
+    def faults(mode: str) -> int:
+        done = subprocess.run(
+            [sys.executable, "-c", FAULTS, mode], env=env, capture_output=True, text=True, check=True
+        )
+        return int(done.stdout)
+
+    nanny = faults("nanny")
+    assert nanny >= 20 * 4  # every array faults its pages in again
+    assert faults("tuned") <= nanny / 20  # at most one array's worth, however many are made
