@@ -50,6 +50,10 @@ REDUCE_BATCH = 32
 #: blocks in one call and gathers their labels for one write when the union of their boxes is
 #: under ``process.UNION_PIXELS``, chunk by chunk otherwise.
 TASK_PIXELS = 2**20
+#: Pixels an ingest task copies. Ingest does little per pixel (a window read and a zarr write,
+#: about 6 ms per Mpx), so the fixed cost of a task is most of a 1 Mpx task: four times
+#: ``TASK_PIXELS`` (one union read of up to ``process.UNION_PIXELS``).
+INGEST_TASK_PIXELS = 2**22
 #: Tasks submitted per worker thread at a time (``run_waves``): enough to keep every thread
 #: busy across the client's round trip, few enough that the scheduler holds O(threads) tasks
 #: for a job of any number of chunks.
@@ -271,7 +275,7 @@ def ingest(plan: Plan, client: Client) -> dict[str, Any]:
     log = zarr_store.CompletionLog(plan.records, "ingest")
     todo = plan.grid.todo(plan.grid.done_mask(log.done()))
     target, grid, records = plan.staging / "input", plan.grid, plan.records
-    groups = ingest_groups(plan, todo, chunks_per_task(plan, client, len(todo)))
+    groups = ingest_groups(plan, todo, chunks_per_task(plan, client, len(todo), INGEST_TASK_PIXELS))
 
     def submit(group: np.ndarray, key: str) -> Future:
         return client.submit(
@@ -303,10 +307,11 @@ def ingest_groups(plan: Plan, todo: np.ndarray, per_task: int) -> list[np.ndarra
     return plan.grid.groups(todo, per_task)
 
 
-def chunks_per_task(plan: Plan, client: Client, n_chunks: int) -> int:
-    """Chunks one task handles: enough for ``TASK_PIXELS`` pixels, but no fewer than
-    ``MIN_TASKS_PER_THREAD`` tasks per worker thread (load balance); 1 for chunks of 1 Mpx and up."""
-    by_size = max(1, TASK_PIXELS // math.prod(plan.grid.chunk))
+def chunks_per_task(plan: Plan, client: Client, n_chunks: int, pixels: int | None = None) -> int:
+    """Chunks one task handles: enough for ``pixels`` (default ``TASK_PIXELS``), but no fewer
+    than ``MIN_TASKS_PER_THREAD`` tasks per worker thread (load balance); 1 for chunks of
+    ``pixels`` and up."""
+    by_size = max(1, (pixels or TASK_PIXELS) // math.prod(plan.grid.chunk))
     spread = max(1, -(-n_chunks // (MIN_TASKS_PER_THREAD * _n_threads(client))))
     return min(by_size, spread)
 

@@ -34,9 +34,15 @@ def raster(tmp_path_factory) -> Path:
     return write_raster(path, (SIDE, SIDE), dtype="uint16", fill=blocks_field(seed=5, block=45))
 
 
+def _small_batches(mp: pytest.MonkeyPatch) -> None:
+    """``PER_TASK`` chunks a task in every chunk stage (ingest takes larger tasks by default)."""
+    for name in ("TASK_PIXELS", "INGEST_TASK_PIXELS"):
+        mp.setattr(execute, name, PER_TASK * CHUNK * CHUNK)
+
+
 @pytest.fixture
 def small_tasks(monkeypatch) -> None:
-    monkeypatch.setattr(execute, "TASK_PIXELS", PER_TASK * CHUNK * CHUNK)
+    _small_batches(monkeypatch)
 
 
 class TaskCounter:
@@ -74,7 +80,7 @@ def clean(client, raster, tmp_path_factory) -> tuple[Path, Any, int]:
     """An uninterrupted run in waves: its output folder, result and the most scheduler tasks."""
     out = tmp_path_factory.mktemp("clean") / "out"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(execute, "TASK_PIXELS", PER_TASK * CHUNK * CHUNK)
+        _small_batches(mp)
         with TaskCounter(client) as counter:
             result = run(
                 client, raster, out, "otsu", {"band": 1}, chunk=[CHUNK, CHUNK], formats=["zarr", "cog"]
@@ -126,7 +132,7 @@ def test_interrupted_waves_resume_only_missing_chunks(
     with pytest.raises(Interrupted):
         run(client, raster, out, "otsu", {"band": 1}, chunk=[CHUNK, CHUNK], formats=["zarr"])
     monkeypatch.undo()
-    monkeypatch.setattr(execute, "TASK_PIXELS", PER_TASK * CHUNK * CHUNK)
+    _small_batches(monkeypatch)
     done = len(CompletionLog(out / ".segpipe", "segment").done())
     assert 1200 <= done < N_CHUNKS and not (out / "summary.json").exists()
 
@@ -157,7 +163,7 @@ def test_chunk_failing_inside_a_batch_is_quarantined_alone(raster, tmp_path, mon
         return real(reader, writers, labels_path, spec, *args)
 
     monkeypatch.setattr(process, "_segment_one", broken)  # the in-process worker sees it
-    monkeypatch.setattr(execute, "TASK_PIXELS", PER_TASK * CHUNK * CHUNK)
+    _small_batches(monkeypatch)
     out = tmp_path / "out"
     with (
         LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as cluster,
