@@ -46,13 +46,15 @@ REDUCE_BATCH = 32
 #: Pixels (write boxes) a chunk task should handle: small chunks are batched, neighbours
 #: together, until a task covers about this many, so the fixed cost of a task (scheduling, the
 #: round trip, opening the staging arrays, a zarr call, a completion file) is paid once per
-#: ~1 Mpx rather than per chunk. A task segments its chunks one after another; it reads their
+#: ~2 Mpx rather than per chunk. A task segments its chunks one after another; it reads their
 #: blocks in one call and gathers their labels for one write when the union of their boxes is
-#: under ``process.UNION_PIXELS``, chunk by chunk otherwise.
-TASK_PIXELS = 2**20
+#: under ``process.UNION_PIXELS``, chunk by chunk otherwise. 2 Mpx rather than 1: on
+#: ``bench_scaling.py`` (1024^2 chunks) the segment stage took 5-20 % less on two workers and
+#: the scheduler 20-25 % less CPU, for 128 tasks instead of 256.
+TASK_PIXELS = 2**21
 #: Pixels an ingest task copies. Ingest does little per pixel (a window read and a zarr write,
-#: about 6 ms per Mpx), so the fixed cost of a task is most of a 1 Mpx task: four times
-#: ``TASK_PIXELS`` (one union read of up to ``process.UNION_PIXELS``).
+#: about 6 ms per Mpx), so the fixed cost of a task is most of a small task: 4 Mpx, one union
+#: read of up to ``process.UNION_PIXELS``.
 INGEST_TASK_PIXELS = 2**22
 #: Tasks submitted per worker thread at a time (``run_waves``): enough to keep every thread
 #: busy across the client's round trip, few enough that the scheduler holds O(threads) tasks
