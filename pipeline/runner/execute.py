@@ -243,7 +243,7 @@ def fit_once(plan: Plan, client: Client) -> Segmenter:
     """The segmenter fitted over the whole input (Otsu's threshold, k-means centres, ...), once
     per run: a rerun that resumes the job (same fingerprint) takes the one kept with the
     completion records instead of passing over the whole input again. A kept one that does not
-    load (another segpipe version) is fitted again."""
+    load (another segpipe version) is fitted again; one whose fit does nothing is not kept."""
     kept = plan.records / FITTED
     if kept.exists():
         try:
@@ -253,6 +253,8 @@ def fit_once(plan: Plan, client: Client) -> Segmenter:
         except Exception as e:  # any unpickling failure means: fit again
             log.info("fitting again: %s did not load (%s)", kept, e)
     fitted = plan.segmenter.fit(make_reducer(plan, client))
+    if fitted is plan.segmenter:  # nothing fitted (a fixed threshold, a trained network): nothing to keep
+        return fitted
     try:
         data = pickle.dumps(fitted)
     except (pickle.PicklingError, TypeError, AttributeError) as e:  # not kept: a rerun fits again

@@ -345,6 +345,10 @@ def test_same_job_rerun_resumes_and_skips_completed_chunks(client, data, tmp_pat
     assert [t for t in stream.data if str(t["key"]).startswith("reduce_chunks")]  # fitted again
     shutil.rmtree(out)
 
+    fixed = run(client, data / S2, out, "threshold", {"band": 8, "value": 1500}, chunk=[256, 256])
+    assert fixed.chunks_computed == 4 and not (fixed.plan.records / FITTED).exists()  # nothing fitted
+    shutil.rmtree(out)
+
 
 def _limit_file_size() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (400_000, 400_000))  # a "disk" that fills at 400 kB
