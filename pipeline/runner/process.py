@@ -26,6 +26,7 @@ from pipeline.metrics import tile_row
 from pipeline.metrics.tiles import reference_row, seam_band
 from pipeline.models import Segmenter
 from pipeline.models.base import PartialFn
+from pipeline.runner import memory
 from pipeline.stitching import crop_to_core
 from pipeline.tiling import Box, ChunkGrid, ChunkSpec
 
@@ -160,7 +161,9 @@ def segment_block(
     When ``extras`` is a dict, the segmenter's extra outputs over the block are put into it.
     ``block``: the read block when the caller has it (a :class:`BlockReader`), else it is read.
     """
-    if getattr(segmenter, "uses_torch", False):
+    uses_torch = getattr(segmenter, "uses_torch", False)
+    memory.reuse_arrays(not uses_torch)  # classical: reuse freed temporaries; torch: hand back
+    if uses_torch:
         setup_torch_worker()
     if block is None:
         block = read_block(staged, spec, edge_mode)

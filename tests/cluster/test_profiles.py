@@ -116,9 +116,11 @@ def test_local_cluster_workers_import_the_task_modules_at_start() -> None:
 FAULTS = """
 import resource, sys
 import numpy as np
-if sys.argv[1] == "tuned":
-    from pipeline.runner.preload import tune_malloc
-    assert tune_malloc()
+from pipeline.runner.memory import reuse_arrays
+if sys.argv[1] in ("reuse", "back"):
+    assert reuse_arrays(True)
+if sys.argv[1] == "back":  # what a chunk of a torch segmenter sets
+    assert reuse_arrays(False)
 np.ones(2**20)  # one 8 MiB float64 array, as a 1024^2 chunk's smoothed band
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(20):
@@ -128,11 +130,12 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc: the workers' platform")
-def test_preload_lets_a_worker_reuse_freed_arrays_under_the_nannys_trim_threshold() -> None:
+def test_workers_reuse_freed_arrays_under_the_nannys_trim_threshold() -> None:
     """Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which makes glibc map and
     zero-fill every array over 128 KiB afresh (8 MiB: 2048 page faults, or 4 to 2048 with
-    transparent huge pages); after the preload's ``tune_malloc`` a freed array's memory is
-    reused (measured here: 10321 faults for 20 arrays, and 0)."""
+    transparent huge pages); after the preload's ``reuse_arrays`` a freed array's memory is
+    reused (measured here: 10321 faults for 20 arrays, and 0), and a torch chunk's
+    ``reuse_arrays(False)`` goes back to the nanny's behaviour."""
     env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"}
 
     def faults(mode: str) -> int:
@@ -143,4 +146,5 @@ def test_preload_lets_a_worker_reuse_freed_arrays_under_the_nannys_trim_threshol
 
     nanny = faults("nanny")
     assert nanny >= 20 * 4  # every array faults its pages in again
-    assert faults("tuned") <= nanny / 20  # at most one array's worth, however many are made
+    assert faults("reuse") <= nanny / 20  # at most one array's worth, however many are made
+    assert faults("back") >= nanny / 2

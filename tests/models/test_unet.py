@@ -147,6 +147,14 @@ def test_model_is_loaded_once_per_worker_process(torch_client, data, tmp_path) -
     per_worker = torch_client.run(loads)
     assert sorted(per_worker.values()) == [1, 1], per_worker  # 25 chunks (+ seam windows), 2 processes
 
+    def reusing() -> bool | None:
+        from pipeline.runner import memory
+
+        return memory.reusing()
+
+    # Both workers ran U-Net chunks: their malloc hands large blocks back (no heap fragmentation).
+    assert list(torch_client.run(reusing).values()) == [False, False]
+
 
 def test_probabilities_and_entropy_outputs(torch_client, data, tmp_path, naip_model) -> None:
     src = data.joinpath(*NAIP)
