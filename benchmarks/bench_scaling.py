@@ -143,6 +143,16 @@ def summary(records: list[dict[str, Any]]) -> dict[str, Any]:
         out["speedup_wall"] = by[1]["wall_s"] / by[2]["wall_s"]
         out["speedup_parallel"] = by[1]["parallel_s"] / by[2]["parallel_s"]
         out["speedup_segment"] = by[1]["segment"] / by[2]["segment"]
+        # Run k on 1 worker and run k on 2 follow each other: their ratio shares the machine's
+        # state of those minutes (this VM has slow spells of a few minutes, up to 2x).
+        walls = {(r["n_workers"], r["rep"]): r["wall_s"] for r in records}
+        pairs = [
+            walls[(1, k)] / walls[(2, k)]
+            for k in sorted({r["rep"] for r in records})
+            if (1, k) in walls and (2, k) in walls
+        ]
+        out["speedup_pairs"] = pairs
+        out["speedup_pairs_median"] = statistics.median(pairs)
     return out
 
 
@@ -160,6 +170,11 @@ def render(records: list[dict[str, Any]], args: argparse.Namespace, shape: tuple
         lines.append(
             f"speed-up 1 -> 2 workers: whole job x{s['speedup_wall']:.2f}, parallel stages "
             f"x{s['speedup_parallel']:.2f}, segment x{s['speedup_segment']:.2f}"
+        )
+        lines.append(
+            "whole job, run k on 1 worker / run k on 2 (back to back): "
+            + ", ".join(f"x{r:.2f}" for r in s["speedup_pairs"])
+            + f"; median x{s['speedup_pairs_median']:.2f}"
         )
     lines.append(
         f"\ninput {shape[0]}x{shape[1]} int16 ({shape[0] * shape[1] * 2 / GIB:.2f} GiB), chunk "
