@@ -404,34 +404,64 @@ def run_waves(
     *,
     split: bool = True,
 ) -> dict[str, Any]:
-    """Run one task per group of grid indices with at most ``IN_FLIGHT_PER_THREAD`` tasks per
-    worker thread submitted at a time; return the scheduling figures.
+    """Run one task per group of grid indices, a bounded number in flight (:func:`_in_flight`);
+    return the scheduling figures.
 
-    The next group is submitted as each task finishes, so the scheduler and the client hold
-    O(workers) futures however many chunks the job has. A task's result is the list of positions
-    of its chunks that failed (or anything else when none did); those chunks, and every chunk of
-    a task that itself failed (a lost worker, a damaged read), are resubmitted one per task, so a
-    chunk that keeps failing is retried by Dask and reported under its own id: to ``quarantine``,
-    or raised (:func:`raise_failures`) when there is none. Without ``split`` a failed group is
-    reported under its first chunk's id.
+    A task's result is the list of positions of its chunks that failed (or anything else when
+    none did); those chunks, and every chunk of a task that itself failed (a lost worker, a
+    damaged read), are resubmitted one per task, so a chunk that keeps failing is retried by Dask
+    and reported under its own id: to ``quarantine``, or raised (:func:`raise_failures`) when
+    there is none. Without ``split`` a failed group is reported under its first chunk's id.
     """
-    window = max(2, IN_FLIGHT_PER_THREAD * _n_threads(client))
-    n_chunks = sum(len(g) for g in groups)
-    stats: dict[str, Any] = {"chunks": n_chunks, "tasks": 0, "window": window, "in_flight_max": 0}
-    stats["chunks_per_task_max"] = max((len(g) for g in groups), default=0)
-    pending: deque[np.ndarray] = deque(groups)
-    live: dict[Future, np.ndarray] = {}
+    stats: dict[str, Any] = {"chunks_per_task_max": max((len(g) for g in groups), default=0)}
     failures: dict[str, dict[str, str]] = {}
     token = _token()
+
+    def send(group: np.ndarray) -> Future:
+        first = _chunk_id(group[0]) + ("" if len(group) == 1 else f"+{len(group)}")
+        return submit(group, f"{stage}-{first}-{token}")
+
+    def done(fut: Future, group: np.ndarray, pending: deque[np.ndarray]) -> int:
+        if fut.status == "error" and len(group) > 1 and split:
+            pending.extendleft(group[i : i + 1] for i in reversed(range(len(group))))
+            return 0
+        if fut.status == "error":
+            failures[_chunk_id(group[0])] = _failure(stage, fut, len(group))
+            return len(group)
+        value = fut.result()
+        bad = value if isinstance(value, list) else []
+        pending.extendleft(group[i : i + 1] for i in reversed(bad))
+        return len(group) - len(bad)
+
+    _in_flight(client, stage, deque(groups), sum(len(g) for g in groups), send, done, stats)
+    _report(plan, failures, quarantine)
+    return stats
+
+
+def _in_flight(
+    client: Client,
+    stage: str,
+    pending: deque[Any],
+    n_chunks: int,
+    submit: Callable[[Any], Future],
+    done: Callable[[Future, Any, deque[Any]], int],
+    stats: dict[str, Any],
+) -> None:
+    """Submit the items of ``pending`` one task each, at most ``IN_FLIGHT_PER_THREAD`` per
+    worker thread at a time, the next one as each finishes, so the scheduler and the client hold
+    O(workers) futures however many chunks the job has. ``done(future, item, pending)`` handles
+    a finished task (it may put items back at the front of ``pending``) and returns how many
+    chunks it completed, for the progress bar. ``stats`` gets the scheduling figures."""
+    window = max(2, IN_FLIGHT_PER_THREAD * _n_threads(client))
+    stats.update(chunks=n_chunks, tasks=0, window=window, in_flight_max=stats.get("in_flight_max", 0))
+    live: dict[Future, Any] = {}
     futures = as_completed()
 
     def top_up() -> None:
         while pending and len(live) < window:
-            group = pending.popleft()
-            first = _chunk_id(group[0])
-            key = f"{stage}-{first}-{token}" if len(group) == 1 else f"{stage}-{first}+{len(group)}-{token}"
-            fut = submit(group, key)
-            live[fut] = group
+            item = pending.popleft()
+            fut = submit(item)
+            live[fut] = item
             futures.add(fut)
             stats["tasks"] += 1
         stats["in_flight_max"] = max(stats["in_flight_max"], len(live))
@@ -439,29 +469,28 @@ def run_waves(
     with _progress(stage, n_chunks) as (progress, task):
         top_up()
         for fut in futures:
-            group = live.pop(fut)
-            if fut.status == "error" and len(group) > 1 and split:
-                pending.extendleft(group[i : i + 1] for i in reversed(range(len(group))))
-            elif fut.status == "error":
-                failures[_chunk_id(group[0])] = {
-                    "stage": stage,
-                    "error": repr(fut.exception())
-                    + (f" (a task of {len(group)} chunks)" if len(group) > 1 else ""),
-                    "traceback": "".join(traceback.format_tb(fut.traceback())),
-                }
-                progress.advance(task, len(group))
-            else:
-                value = fut.result()
-                bad = value if isinstance(value, list) else []
-                pending.extendleft(group[i : i + 1] for i in reversed(bad))
-                progress.advance(task, len(group) - len(bad))
+            progress.advance(task, done(fut, live.pop(fut), pending))
             del fut
             top_up()
+
+
+def _failure(stage: str, fut: Future, n_chunks: int = 1) -> dict[str, str]:
+    """The record of a task that failed (for ``failed.json``)."""
+    return {
+        "stage": stage,
+        "error": repr(fut.exception()) + (f" (a task of {n_chunks} chunks)" if n_chunks > 1 else ""),
+        "traceback": "".join(traceback.format_tb(fut.traceback())),
+    }
+
+
+def _report(
+    plan: Plan, failures: dict[str, dict[str, str]], quarantine: dict[str, dict[str, str]] | None
+) -> None:
+    """Failed chunks to ``quarantine``, or raised when there is none."""
     if quarantine is not None:
         quarantine.update(failures)
     elif failures:
         raise_failures(plan, failures)
-    return stats
 
 
 def _chunk_id(index: np.ndarray) -> str:
@@ -532,49 +561,25 @@ def run_each(
     collect: bool = False,
     stats: dict[str, Any] | None = None,
 ) -> list[Any]:
-    """One task per item (a :class:`ChunkSpec`, named by its ``chunk_id``), at most
-    ``IN_FLIGHT_PER_THREAD`` per worker thread submitted at a time, the next one as each finishes,
-    so the scheduler and the client hold O(workers) futures whatever the number of chunks (the
-    instance stages, whose tasks carry per-chunk inputs). Failed chunks go to ``quarantine``, or
-    raise when there is none. With ``collect``, the results of the tasks that succeeded, in
-    completion order; otherwise they are dropped as they arrive. ``stats`` receives the
-    scheduling figures, as :func:`run_waves` returns them."""
-    window = max(2, IN_FLIGHT_PER_THREAD * _n_threads(client))
+    """One task per item (a :class:`ChunkSpec`, named by its ``chunk_id``), a bounded number in
+    flight (:func:`_in_flight`; the instance stages, whose tasks carry per-chunk inputs). Failed
+    chunks go to ``quarantine``, or raise when there is none. With ``collect``, the results of
+    the tasks that succeeded, in completion order; otherwise they are dropped as they arrive.
+    ``stats`` receives the scheduling figures, as :func:`run_waves` returns them."""
     stats = {} if stats is None else stats
-    stats.update(chunks=len(items), tasks=0, window=window, in_flight_max=0, chunks_per_task_max=1)
-    pending = iter(items)
-    live: dict[Future, str] = {}
-    futures = as_completed()
+    stats["chunks_per_task_max"] = 1
     failures: dict[str, dict[str, str]] = {}
     results: list[Any] = []
 
-    def top_up() -> None:
-        while len(live) < window and (item := next(pending, None)) is not None:
-            fut = submit(item)
-            live[fut] = item.chunk_id
-            futures.add(fut)
-            stats["tasks"] += 1
-        stats["in_flight_max"] = max(stats["in_flight_max"], len(live))
+    def done(fut: Future, item: Any, pending: deque[Any]) -> int:
+        if fut.status == "error":
+            failures[item.chunk_id] = _failure(stage, fut)
+        elif collect:
+            results.append(fut.result())
+        return 1
 
-    with _progress(stage, len(items)) as (progress, task):
-        top_up()
-        for fut in futures:
-            chunk_id = live.pop(fut)
-            if fut.status == "error":
-                failures[chunk_id] = {
-                    "stage": stage,
-                    "error": repr(fut.exception()),
-                    "traceback": "".join(traceback.format_tb(fut.traceback())),
-                }
-            elif collect:
-                results.append(fut.result())
-            del fut
-            progress.advance(task)
-            top_up()
-    if quarantine is not None:
-        quarantine.update(failures)
-    elif failures:
-        raise_failures(plan, failures)
+    _in_flight(client, stage, deque(items), len(items), submit, done, stats)
+    _report(plan, failures, quarantine)
     return results
 
 
