@@ -147,4 +147,4 @@ def test_workers_reuse_freed_arrays_under_the_nannys_trim_threshold() -> None:
     nanny = faults("nanny")
     assert nanny >= 20 * 4  # every array faults its pages in again
     assert faults("reuse") <= nanny / 20  # at most one array's worth, however many are made
-    assert faults("back") >= nanny / 2
+    assert faults("back") >= 20 * 4  # every array faults its pages in again (huge pages or not)
