@@ -17,8 +17,8 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
 from pipeline.data.geometry import GeoRef, check_same_geometry
-from pipeline.errors import InvalidImageError, ReadError, WriteError
-from pipeline.io import remote
+from pipeline.errors import InvalidImageError, PipelineError, ReadError, WriteError
+from pipeline.io import cog_tiles, remote, zarr_store
 from pipeline.io.overviews import Resampling, allocate_overviews, check_resampling, fill_overviews
 from pipeline.tiling import Box
 
@@ -176,9 +176,7 @@ def write_cog(
                 BIGTIFF="IF_SAFER",
             )
 
-        verify_raster(tmp, georef, shape, nodata)
-        _check_overviews(tmp, len(levels))
-        os.replace(tmp, path)
+        _publish(tmp, path, georef, shape, nodata, len(levels))
     except WriteError:
         raise
     except (RasterioError, CPLE_BaseError, OSError) as e:  # GDAL write errors, EFBIG, ENOSPC
@@ -187,6 +185,52 @@ def write_cog(
         for p in (stage, tmp):
             p.unlink(missing_ok=True)
     return path
+
+
+def write_cog_from_zarr(
+    path: Path,
+    georef: GeoRef,
+    source: Path,
+    *,
+    nodata: float | None,
+    resampling: Resampling = "MODE",
+    blocksize: int = 256,
+    run: cog_tiles.Mapper = cog_tiles.local_map,
+    scratch: Path | None = None,
+) -> Path:
+    """Write the COG of the 2-D zarr array ``source`` with its tiles and overviews encoded by
+    ``run`` (Dask workers in a job) and assembled here (:mod:`pipeline.io.cog_tiles`): the same
+    pixels at every level as :func:`write_cog`, which writes from windows with GDAL's COG driver
+    in this process. Verified, then renamed to ``path``; ``scratch`` (a folder the workers can
+    reach; default beside ``path``) holds the encoded tiles meanwhile."""
+    resampling = check_resampling(resampling)
+    shape, dtype = zarr_store.array_info(source)[:2]
+    if len(shape) < 2 or math.prod(shape[:-2]) != 1:
+        raise WriteError(f"{path}: a one-band COG is written from a 2-D array; {source} has shape {shape}")
+    pyramid = cog_tiles.Pyramid.of((shape[-2], shape[-1]), dtype, blocksize, resampling, nodata)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    work = scratch if scratch is not None else path.with_name(f".tmp-{path.stem}.tiles")
+    try:
+        tags: dict[str, str] = {"OVERVIEW_RESAMPLING": resampling} if len(pyramid.shapes) > 1 else {}
+        cog_tiles.write(tmp, georef, source, pyramid, work, run=run, tags=tags)
+        _publish(tmp, path, georef, pyramid.shapes[0], nodata, len(pyramid.shapes) - 1)
+    except PipelineError:  # a damaged source chunk (ReadError) says so itself
+        raise
+    except (RasterioError, CPLE_BaseError, OSError) as e:  # GDAL write errors, EFBIG, ENOSPC
+        raise WriteError(f"{path}: writing the COG failed ({e}); check free disk space and quotas") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _publish(
+    tmp: Path, path: Path, georef: GeoRef, shape: tuple[int, int], nodata: float | None, levels: int
+) -> None:
+    """Check the hidden COG ``tmp`` (geometry, size, nodata, overview count), then rename it."""
+    verify_raster(tmp, georef, shape, nodata)
+    _check_overviews(tmp, levels)
+    os.replace(tmp, path)
 
 
 def _check_overviews(path: Path, expected: int) -> None:

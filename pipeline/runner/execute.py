@@ -220,7 +220,8 @@ def execute(plan: Plan, client: Client, *, restart: bool = False) -> RunResult:
         )
     if result.failures:
         raise_failures(plan, result.failures)
-    _timed(result, "finalize", lambda: result.outputs.update(finalize.finalize(plan, fitted)))
+    run = cluster_map(client)
+    _timed(result, "finalize", lambda: result.outputs.update(finalize.finalize(plan, fitted, run)))
     if plan.publish:  # s3:// output: upload from the work folder; write_summary uploads the summary last
         _timed(result, "publish", lambda: result.outputs.update(publish.upload(plan, result.outputs)))
     finalize.write_summary(
@@ -233,6 +234,15 @@ def execute(plan: Plan, client: Client, *, restart: bool = False) -> RunResult:
         result.diagnostics,
     )
     return result
+
+
+def cluster_map(client: Client) -> Callable[[Callable[[Any], Any], Sequence[Any]], list[Any]]:
+    """``map(fn, items)`` as one Dask task per item (the COG tile encoding of finalize)."""
+
+    def run(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        return list(client.gather(client.map(fn, list(items), pure=False)))
+
+    return run
 
 
 #: The fitted segmenter of a run, kept with its completion records (same fingerprint).

@@ -6,21 +6,18 @@ Every file is written under a hidden temporary name, checked, then renamed; the 
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import platform
 import time
-from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, cast
 
-import numpy as np
 import pandas as pd
 
 from pipeline.data.geometry import GeoRef, VolumeRef
-from pipeline.io import geo, medical, tables, vector, zarr_store
+from pipeline.io import cog_tiles, geo, medical, tables, vector, zarr_store
 from pipeline.io.ome_zarr import write_ome_zarr
 from pipeline.io.overviews import Resampling
 from pipeline.io.quicklook import write_quicklook
@@ -55,17 +52,18 @@ LIBRARIES = (
 #: keeps one pixel in four: thin classes (rivers, roads) alias and flicker between levels.
 #: Float score rasters (probabilities, uncertainty) take AVERAGE.
 LABEL_OVERVIEWS: Resampling = "MODE"
-#: Least side (pixels) of the windows a COG is written in (whole chunks each; ~1 Mpx of labels).
-COG_WINDOW = 1024
 
 
-def finalize(plan: Plan, segmenter: Segmenter) -> dict[str, str]:
-    """Write the requested outputs and the metrics table; return ``{name: path}``."""
+def finalize(plan: Plan, segmenter: Segmenter, run: cog_tiles.Mapper = cog_tiles.local_map) -> dict[str, str]:
+    """Write the requested outputs and the metrics table; return ``{name: path}``.
+
+    ``run`` maps the COG tile-encoding tasks (:mod:`pipeline.io.cog_tiles`): onto the job's
+    Dask workers when the engine calls this, in this process otherwise."""
     outputs = {"zarr": str(plan.staging / "labels")}
     labels = plan.staging / "labels"
     formats = plan.spec.output.formats
     if "cog" in formats and isinstance(plan.source.geometry, GeoRef):
-        outputs["cog"] = str(_write_cog(plan, labels, segmenter))
+        outputs["cog"] = str(_write_cog(plan, labels, segmenter, run))
     for fmt, suffix in (("nifti", ".nii.gz"), ("mha", ".mha")):
         if fmt in formats and isinstance(plan.source.geometry, VolumeRef):
             data = zarr_store.read_box(labels, Box.from_shape(plan.source.spatial_shape))
@@ -94,7 +92,7 @@ def finalize(plan: Plan, segmenter: Segmenter) -> dict[str, str]:
                 band=int(getattr(segmenter, "band_index", 0)),  # the band the segmenter looks at
             )
         )
-    outputs.update(_extra_outputs(plan, labels, segmenter))
+    outputs.update(_extra_outputs(plan, labels, segmenter, run))
     if segmenter.kind != "semantic":
         outputs.update(_instance_outputs(plan, labels))
     if segmenter.kind == "panoptic":
@@ -156,7 +154,7 @@ def _instance_outputs(plan: Plan, labels: Path) -> dict[str, str]:
     return out
 
 
-def _extra_outputs(plan: Plan, labels: Path, segmenter: Segmenter) -> dict[str, str]:
+def _extra_outputs(plan: Plan, labels: Path, segmenter: Segmenter, run: cog_tiles.Mapper) -> dict[str, str]:
     """A segmenter's extra float outputs: the zarr arrays; one-band ones also as COG or NIfTI/MHA."""
     out: dict[str, str] = {}
     formats = plan.spec.output.formats
@@ -167,19 +165,14 @@ def _extra_outputs(plan: Plan, labels: Path, segmenter: Segmenter) -> dict[str, 
         if bands:
             continue
         if "cog" in formats and isinstance(plan.source.geometry, GeoRef):
-
-            def windows(path: Path = path):  # type: ignore[no-untyped-def]
-                yield from _blocks(plan, path)
-
             out[name] = str(
-                geo.write_cog(
+                geo.write_cog_from_zarr(
                     plan.out / f"{name}.tif",
                     plan.source.geometry,
-                    (shape[0], shape[1]),
-                    "float32",
-                    windows,
+                    path,
                     nodata=-1.0,
                     resampling="AVERAGE",
+                    run=run,
                 )
             )
         for fmt, suffix in (("nifti", ".nii.gz"), ("mha", ".mha")):
@@ -191,36 +184,18 @@ def _extra_outputs(plan: Plan, labels: Path, segmenter: Segmenter) -> dict[str, 
     return out
 
 
-def _write_cog(plan: Plan, labels: Path, segmenter: Segmenter) -> Path:
+def _write_cog(plan: Plan, labels: Path, segmenter: Segmenter, run: cog_tiles.Mapper) -> Path:
     georef = cast(GeoRef, plan.source.geometry)
     has_nodata = georef.nodata is not None or plan.source.dtype.lstrip("<>=|")[0] == "f"
     nodata = segmenter.nodata_label if has_nodata and segmenter.kind == "semantic" else None
-
-    def windows():  # type: ignore[no-untyped-def]
-        yield from _blocks(plan, labels)
-
-    shape = plan.source.spatial_shape
-    dtype = zarr_store.array_info(labels)[1]
-    return geo.write_cog(
+    return geo.write_cog_from_zarr(
         plan.out / "labels.tif",
         georef,
-        (shape[0], shape[1]),
-        dtype,
-        windows,
+        labels,
         nodata=nodata,
         resampling=LABEL_OVERVIEWS,
+        run=run,
     )
-
-
-def _blocks(plan: Plan, path: Path) -> Iterator[tuple[Box, np.ndarray]]:
-    """The zarr array at ``path`` as windows of whole chunks, at least ``COG_WINDOW`` pixels a
-    side (or the image): one read per window instead of one per chunk, however small the chunks."""
-    arr = zarr_store.open_array(path)
-    shape, chunk = plan.grid.shape, plan.grid.chunk
-    side = [c * max(1, -(-COG_WINDOW // c)) for c in chunk]
-    for start in itertools.product(*(range(0, n, s) for n, s in zip(shape, side, strict=True))):
-        box = Box(start, tuple(min(a + s, n) for a, s, n in zip(start, side, shape, strict=True)))
-        yield box, zarr_store.read_box(arr, box)
 
 
 def write_summary(
