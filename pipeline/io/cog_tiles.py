@@ -5,13 +5,13 @@ calls it: on a 92672^2 label map that copy took 209 of the job's 567 s on the cl
 workers waited (``benchmarks/scale.md``), and it is the part of a job that more workers cannot
 shorten. Here the work is split as a Dask job splits any other:
 
-1. **Encode** (:func:`encode_region`, one task per region): a region is ``REGION`` pixels a side
-   (16 x 16 tiles of 256) of a level held in a zarr array. The task encodes the region's tiles
+1. **Encode** (:func:`encode_region`, one task per region): a region is ``tile << SPAN`` pixels a side
+   (8 x 8 tiles of 256) of a level held in a zarr array. The task encodes the region's tiles
    (DEFLATE: the zlib stream of TIFF compression 8, libdeflate at GDAL's default level 6),
    reduces the region 2x2 block by 2x2 block with :func:`pipeline.io.overviews.reduce_2x2` and
    encodes the next level's tiles, while the region still spans whole tiles (``SPAN`` + 1
    levels); then it writes the reduction after that into a small zarr array, the input of the
-   next round. Regions start at multiples of ``REGION``, so every 2x2 block of every level lies
+   next round. Regions start at multiples of their side, so every 2x2 block of every level lies
    in one region and the levels are exactly those of :func:`pipeline.io.overviews.fill_overviews`.
 2. **Assemble** (:func:`assemble`, the client): the file is laid out as GDAL's COG driver lays
    it out (``LAYOUT=IFDS_BEFORE_DATA`` ghost header, every IFD before any tile, the smallest
@@ -44,8 +44,9 @@ from pipeline.io import zarr_store
 from pipeline.io.overviews import Resampling, level_shapes, reduce_2x2
 from pipeline.tiling import Box
 
-#: Halvings encoded by one region task after its first level: levels ``base .. base + SPAN``.
-SPAN = 4
+#: Halvings encoded by one region task after its first level (levels ``base .. base + SPAN``):
+#: regions of 2048^2 px for 256 px tiles, 4 Mpx like an ingest task (16 MB of float32 scores).
+SPAN = 3
 #: DEFLATE level: GDAL's default ``ZLEVEL`` for the COG driver.
 ZLEVEL = 6
 

@@ -74,10 +74,10 @@ def _same_file_contents(ours: Path, gdal: Path) -> int:
 @pytest.mark.parametrize(
     ("kind", "resampling", "nodata", "tile"),
     [
-        ("labels", "MODE", 255, 16),  # 3 x 4 regions of 256 px, levels 0-4 then a second round: 5-6
+        ("labels", "MODE", 255, 16),  # 6 x 7 regions of 128 px, levels 0-3, then one region: 4-6
         ("labels", "NEAREST", 255, 32),
         ("scores", "AVERAGE", math.nan, 16),
-        ("scores", "AVERAGE", -1.0, 64),  # one region: every level encoded by one task
+        ("scores", "AVERAGE", -1.0, 128),  # one region: every level encoded by one task
         ("int16", "MODE", None, 16),
     ],
 )
@@ -136,7 +136,7 @@ def test_region_tasks_run_on_the_cluster_workers(client, data, tmp_path) -> None
     gdal = write_cog(tmp_path / "gdal.tif", georef, a.shape, "uint8", _windows(a), nodata=255, blocksize=16)
     assert _same_file_contents(ours, gdal) == 7
     encoded = [t for t in stream.data if str(t["key"]).startswith("encode_region")]
-    assert len(encoded) == 12  # the first round's 3 x 4 regions; the second round (one region) runs here
+    assert len(encoded) == 42  # the first round's 6 x 7 regions; the second round (one region) runs here
     assert {t["worker"] for t in encoded} <= set(client.scheduler_info()["workers"])
 
 
