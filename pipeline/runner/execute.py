@@ -463,7 +463,7 @@ def _in_flight(
     a finished task (it may put items back at the front of ``pending``) and returns how many
     chunks it completed, for the progress bar. ``stats`` gets the scheduling figures."""
     window = max(2, IN_FLIGHT_PER_THREAD * _n_threads(client))
-    stats.update(chunks=n_chunks, tasks=0, window=window, in_flight_max=stats.get("in_flight_max", 0))
+    stats.update(chunks=n_chunks, tasks=0, window=window, in_flight_max=0)
     live: dict[Future, Any] = {}
     futures = as_completed()
 
