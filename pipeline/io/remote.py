@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import re
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -158,12 +159,15 @@ def explain(url: str, action: str, error: BaseException) -> str:
         return f"{head}: not found at {where(url)} ({text}). Check the URL."
     if name == "NoCredentialsError":
         return f"{head}: no S3 credentials in the environment of {process}; {CREDENTIALS_HINT}."
-    if isinstance(error, PermissionError) or "403" in str(error) or "Forbidden" in str(error):
+    unreachable = isinstance(error, ConnectionError | TimeoutError) or "ClientConnectorError" in name
+    if not unreachable and (
+        isinstance(error, PermissionError) or re.search(r"\b403\b|Forbidden|AccessDenied", str(error))
+    ):
         return (
             f"{head}: access denied by {where(url)} in {process} ({text}); the credentials are wrong "
             f"or lack permission: {CREDENTIALS_HINT}."
         )
-    if isinstance(error, ConnectionError | TimeoutError) or "connect" in text.lower():
+    if unreachable or "connect" in text.lower():
         return (
             f"{head}: cannot reach {where(url)} ({text}). Check the URL (or AWS_ENDPOINT_URL) and the server."
         )

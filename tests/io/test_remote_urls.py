@@ -96,3 +96,21 @@ def test_urls_travel_in_graphs_as_names() -> None:
     back = pickle.loads(pickle.dumps(url))
     assert (back, back.name, type(back)) == (url, "labels.tif", remote.URL)
     assert remote.redact("https://u:p@h:8/x.tif?sig=1") == "https://***@h:8/x.tif?***"
+
+
+def test_an_unreachable_port_containing_403_is_not_access_denied() -> None:
+    """CI drew port 44031 once: the refused connection read as an HTTP 403."""
+    url = "http://127.0.0.1:44031/s2.tif"
+    refused = ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 44031)")
+    try:
+        try:
+            raise refused
+        except ConnectionRefusedError as e:
+            raise FileNotFoundError(url) from e
+    except FileNotFoundError as wrapped:
+        message = remote.explain(url, "opening the raster", wrapped)
+    assert "cannot reach 127.0.0.1:44031" in message and "denied" not in message
+    denied = PermissionError("An error occurred (403) when calling the HeadObject operation: Forbidden")
+    assert "access denied by" in remote.explain("s3://b/k.tif", "reading", denied)
+    assert "access denied by" in remote.explain("s3://b/k.tif", "reading", OSError("AccessDenied"))
+    assert "denied" not in remote.explain("s3://b/k.tif", "reading", OSError("chunk 4403 is short"))
