@@ -136,11 +136,16 @@ def where(url: str) -> str:
     return f"S3 endpoint {endpoint}" if endpoint else "AWS S3 (no AWS_ENDPOINT_URL set)"
 
 
+def _unreachable(error: BaseException) -> bool:
+    """Whether ``error`` says the server could not be reached (refused, timed out, no route)."""
+    return isinstance(error, ConnectionError | TimeoutError) or "ClientConnectorError" in type(error).__name__
+
+
 def _root_cause(error: BaseException) -> BaseException:
     """The connection error under fsspec's "not found" (it reports an unreachable host so)."""
     seen = error
     while (seen := seen.__cause__ or seen.__context__) is not None:  # type: ignore[assignment]
-        if isinstance(seen, ConnectionError) or "ClientConnectorError" in type(seen).__name__:
+        if _unreachable(seen):
             return seen
     return error
 
@@ -159,7 +164,7 @@ def explain(url: str, action: str, error: BaseException) -> str:
         return f"{head}: not found at {where(url)} ({text}). Check the URL."
     if name == "NoCredentialsError":
         return f"{head}: no S3 credentials in the environment of {process}; {CREDENTIALS_HINT}."
-    unreachable = isinstance(error, ConnectionError | TimeoutError) or "ClientConnectorError" in name
+    unreachable = _unreachable(error)
     if not unreachable and (
         isinstance(error, PermissionError) or re.search(r"\b403\b|Forbidden|AccessDenied", str(error))
     ):
